@@ -1,0 +1,51 @@
+# ubo: two commands for a fresh machine (README Quickstart):
+#   make benchmark   create .venv if missing, install, build every data set (dvc repro), print the summary
+#   make test        install if needed, lint, run the test suite
+#
+# TORCH_INDEX: where torch==2.13.0 comes from. The default CPU wheel index keeps a CPU machine
+# from pulling the multi-GB CUDA build; on a GPU machine use `make ... TORCH_INDEX=` (PyPI's
+# default CUDA build). torch is installed alone, without dependencies, because pip would
+# otherwise query that extra index for every package of the project.
+
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(CURDIR)/$(VENV)/bin
+TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
+INSTALLED := $(VENV)/.installed
+export DVC_NO_ANALYTICS := 1
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+export PATH := $(BIN):$(PATH)
+
+.PHONY: install benchmark data summary test lint format clean-data
+
+install: $(INSTALLED)
+
+$(INSTALLED): pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))' || \
+		{ echo "error: Python 3.11 is required (found $$($(PYTHON) --version)); set PYTHON=..." >&2; exit 1; }
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -c 'import torch' 2>/dev/null || \
+		$(BIN)/python -m pip install --no-deps --retries 0 --timeout 15 \
+			$(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX)) torch==2.13.0
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $@
+
+benchmark: data summary
+
+data: $(INSTALLED)
+	dvc repro
+
+summary: $(INSTALLED)
+	python -m ubo_core.stages summary
+
+test: $(INSTALLED) lint
+	python -m pytest
+
+lint: $(INSTALLED)
+	ruff check .
+	ruff format --check .
+
+format: $(INSTALLED)
+	ruff check --fix .
+	ruff format .

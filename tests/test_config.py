@@ -1,0 +1,75 @@
+"""params.yaml is read once into typed config; every problem names the key."""
+
+from pathlib import Path
+
+import pytest
+
+from ubo_core.config import Params, SubsetConfig, check_dataset, load_params
+from ubo_core.errors import ConfigError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "params.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_repository_params_load_and_match_documented_defaults():
+    params = load_params(REPO / "params.yaml")
+    assert params.preprocess.positive_threshold == 4
+    assert params.validation.active_user_fraction == 0.2
+    assert params.validation.hyper_fraction == 0.1
+    assert params.semisynthetic.relevance_eps == 5.0
+    assert params.semisynthetic.amazon_cds == SubsetConfig(n_items=1000, min_user_interactions=10)
+    assert params.data.processed_dir == Path("data/processed")
+
+
+def test_empty_file_gives_defaults(tmp_path):
+    assert load_params(write(tmp_path, "")) == Params()
+
+
+@pytest.mark.parametrize(
+    ("text", "key", "problem"),
+    [
+        ("colour: red\n", "colour", "unknown key"),
+        ("validation:\n  sead: 1\n", "validation.sead", "unknown key"),
+        (
+            "semisynthetic:\n  ml100k:\n    n_itmes: 5\n",
+            "semisynthetic.ml100k.n_itmes",
+            "unknown key",
+        ),
+        ("validation:\n  seed: zero\n", "validation.seed", "expected an integer"),
+        ("validation:\n  seed: true\n", "validation.seed", "expected an integer"),
+        ("validation:\n  hyper_fraction: 1.5\n", "validation.hyper_fraction", "out of range"),
+        ("validation:\n  hyper_fraction: 0\n", "validation.hyper_fraction", "out of range"),
+        ("preprocess:\n  positive_threshold: 6\n", "preprocess.positive_threshold", "out of range"),
+        (
+            "semisynthetic:\n  amazon_cds:\n    n_items: 1\n",
+            "semisynthetic.amazon_cds.n_items",
+            "out of range",
+        ),
+        ("data:\n  raw_dir: 3\n", "data.raw_dir", "expected a path"),
+        ("validation: [1, 2]\n", "validation", "expected a mapping"),
+    ],
+)
+def test_bad_params_name_the_file_and_key(tmp_path, text, key, problem):
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as caught:
+        load_params(path)
+    message = str(caught.value)
+    assert message.startswith(f"{path}: {key}: "), message
+    assert problem in message
+
+
+def test_missing_and_invalid_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_params(tmp_path / "nope.yaml")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_params(write(tmp_path, "a: [1,\n"))
+
+
+def test_unknown_dataset_lists_the_valid_ones():
+    with pytest.raises(ConfigError, match=r"unknown data set 'movielens'.*coat.*amazon_cds"):
+        check_dataset("movielens")

@@ -1,0 +1,108 @@
+"""The stage command line: thin, strict, atomic. Runs on tiny files the test writes."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ubo_core.data import FeedbackData
+from ubo_core.datasets.real import COAT_SHAPE
+from ubo_core.stages import main
+
+
+def make_params(tmp_path: Path, extra: str = "") -> Path:
+    path = tmp_path / "params.yaml"
+    path.write_text(
+        "data:\n"
+        f"  raw_dir: {tmp_path / 'raw'}\n"
+        f"  interim_dir: {tmp_path / 'interim'}\n"
+        f"  processed_dir: {tmp_path / 'processed'}\n"
+        f"  manual_dir: {tmp_path / 'manual'}\n" + extra
+    )
+    return path
+
+
+def write_fake_coat(folder: Path, seed: int = 0) -> None:
+    """Coat-shaped matrices (290 x 300): 24 train and 16 test ratings per user, like Coat."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True)
+    for name, per_user in (("train.ascii", 24), ("test.ascii", 16)):
+        matrix = np.zeros(COAT_SHAPE, int)
+        for user in range(COAT_SHAPE[0]):
+            items = rng.choice(COAT_SHAPE[1], per_user, replace=False)
+            matrix[user, items] = rng.integers(1, 6, per_user)
+        text = "\r\n".join(" ".join(map(str, row)) for row in matrix) + "\r\n"
+        (folder / name).write_text(text)
+
+
+def test_preprocess_then_validation_writes_dataset_and_summary(tmp_path, capsys):
+    params = make_params(tmp_path)
+    write_fake_coat(tmp_path / "raw" / "coat")
+    assert main(["preprocess", "coat", "--params", str(params)]) == 0
+    assert main(["validation", "coat", "--params", str(params)]) == 0
+    data = FeedbackData.load(tmp_path / "processed" / "coat" / "dataset.npz")
+    # 24 training ratings per user; n_train_ratings in the summary is the source's count.
+    assert (data.n_users, data.n_items) == COAT_SHAPE
+    assert data.has_validation
+    capsys.readouterr()
+    assert main(["summary", "coat", "yahoo", "--params", str(params)]) == 0
+    table = capsys.readouterr().out
+    assert "6,960" in table  # 290 users x 24 ratings
+    assert "4,640" in table  # 290 users x 16 ratings
+    assert "not built yet: yahoo" in table
+    # Nothing but the outputs: no temporary left beside them.
+    assert sorted(p.name for p in (tmp_path / "processed" / "coat").iterdir()) == [
+        "dataset.npz",
+        "summary.json",
+    ]
+
+
+def test_malformed_row_stops_with_file_and_line_and_writes_nothing(tmp_path, capsys):
+    params = make_params(tmp_path)
+    write_fake_coat(tmp_path / "raw" / "coat")
+    train = tmp_path / "raw" / "coat" / "train.ascii"
+    lines = train.read_text().splitlines()
+    lines[4] = lines[4].replace("0", "x", 1)
+    train.write_text("\n".join(lines) + "\n")
+    assert main(["preprocess", "coat", "--params", str(params)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {train}: line 5: non-integer")
+    assert err.count("\n") == 1  # one line, no traceback
+    assert not (tmp_path / "interim").exists() or not any((tmp_path / "interim").rglob("*"))
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["preprocess", "movielens"], "unknown data set 'movielens'"),
+        (["preprocess", "ml100k"], "unknown data set 'ml100k'; expected one of ['coat', 'yahoo']"),
+        (["semisynthetic", "coat"], "expected one of ['ml100k', 'amazon_cds']"),
+        (["validation", "coat"], "not found; run `dvc repro preprocess@coat` first"),
+        (["preprocess", "coat"], "raw data missing; run `dvc repro download@coat` first"),
+    ],
+)
+def test_bad_invocations_exit_1_with_one_clear_line(tmp_path, capsys, argv, expected):
+    params = make_params(tmp_path)
+    assert main([*argv, "--params", str(params)]) == 1
+    err = capsys.readouterr().err
+    assert expected in err
+    assert err.startswith("error: ") and err.count("\n") == 1
+
+
+def test_bad_params_file_names_the_key(tmp_path, capsys):
+    params = make_params(tmp_path, "validation:\n  active_user_fraction: 2\n")
+    assert main(["validation", "coat", "--params", str(params)]) == 1
+    err = capsys.readouterr().err
+    assert "validation.active_user_fraction: 2.0 is out of range" in err
+
+
+def test_yahoo_missing_says_which_files_and_where(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("UBO_DATA_MIRROR", raising=False)
+    params = make_params(tmp_path)
+    assert main(["download", "yahoo", "--params", str(params)]) == 1
+    err = capsys.readouterr().err
+    assert "ydata-ymusic-rating-study-v1_0-train.txt" in err
+    assert "ydata-ymusic-rating-study-v1_0-test.txt" in err
+    assert str(tmp_path / "manual" / "yahoo") in err
+    assert "Webscope" in err
+    assert not (tmp_path / "raw" / "yahoo").exists()

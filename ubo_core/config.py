@@ -1,0 +1,188 @@
+"""Typed, strict configuration read once from `params.yaml`.
+
+One frozen dataclass per section. Unknown keys, missing keys, wrong types and out-of-range
+values raise `ConfigError` naming the dotted key. Nothing else in `ubo_core` reads YAML.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+from ubo_core.errors import ConfigError
+
+T = TypeVar("T")
+
+DATASETS: tuple[str, ...] = ("coat", "yahoo", "ml100k", "amazon_cds")
+REAL_DATASETS: tuple[str, ...] = ("coat", "yahoo")
+SEMISYNTHETIC_DATASETS: tuple[str, ...] = ("ml100k", "amazon_cds")
+
+
+def check_dataset(name: str, allowed: tuple[str, ...] = DATASETS) -> str:
+    """Return `name` if it is a known data set of the given kind, else raise ConfigError."""
+    if name not in allowed:
+        raise ConfigError("dataset", f"unknown data set {name!r}; expected one of {list(allowed)}")
+    return name
+
+
+@dataclass(frozen=True)
+class DataPaths:
+    raw_dir: Path = Path("data/raw")
+    interim_dir: Path = Path("data/interim")
+    processed_dir: Path = Path("data/processed")
+    manual_dir: Path = Path("data/manual")
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    positive_threshold: int = 4
+
+    def __post_init__(self) -> None:
+        _check_range("preprocess.positive_threshold", self.positive_threshold, 1, 5)
+
+
+@dataclass(frozen=True)
+class ValidationConfig:
+    active_user_fraction: float = 0.2
+    hyper_fraction: float = 0.1
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check_range("validation.active_user_fraction", self.active_user_fraction, 0.0, 1.0, True)
+        _check_range("validation.hyper_fraction", self.hyper_fraction, 0.0, 1.0, True)
+
+
+@dataclass(frozen=True)
+class SubsetConfig:
+    """Which part of a semi-synthetic source is kept (so dense training stays minutes)."""
+
+    n_items: int = 1000
+    min_user_interactions: int = 1
+
+    def __post_init__(self) -> None:
+        _check_range("n_items", self.n_items, 2, 10**7)
+        _check_range("min_user_interactions", self.min_user_interactions, 1, 10**7)
+
+
+@dataclass(frozen=True)
+class SemisyntheticConfig:
+    seed: int = 0
+    n_test_items: int = 10
+    relevance_eps: float = 5.0
+    exposure_power: float = 1.0
+    fit_dim: int = 20
+    fit_steps: int = 300
+    fit_lr: float = 0.05
+    fit_weight_decay: float = 1e-4
+    ml100k: SubsetConfig = field(default_factory=lambda: SubsetConfig(1682, 1))
+    amazon_cds: SubsetConfig = field(default_factory=lambda: SubsetConfig(1000, 10))
+
+    def __post_init__(self) -> None:
+        _check_range("semisynthetic.n_test_items", self.n_test_items, 2, 10**6)
+        _check_range("semisynthetic.exposure_power", self.exposure_power, 0.0, 100.0, True)
+        _check_range("semisynthetic.fit_dim", self.fit_dim, 1, 1024)
+        _check_range("semisynthetic.fit_steps", self.fit_steps, 1, 10**6)
+        _check_range("semisynthetic.fit_lr", self.fit_lr, 0.0, 10.0, True)
+        _check_range("semisynthetic.fit_weight_decay", self.fit_weight_decay, 0.0, 10.0)
+
+    def subset(self, dataset: str) -> SubsetConfig:
+        check_dataset(dataset, SEMISYNTHETIC_DATASETS)
+        return getattr(self, dataset)
+
+
+@dataclass(frozen=True)
+class Params:
+    """The whole of `params.yaml`."""
+
+    data: DataPaths = field(default_factory=DataPaths)
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
+    semisynthetic: SemisyntheticConfig = field(default_factory=SemisyntheticConfig)
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    """Read and check `params.yaml`; every problem is a ConfigError naming the key."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError("(file)", "not found", source=path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        raise ConfigError("(file)", f"not valid YAML ({error})", source=path) from error
+    try:
+        return build(Params, raw if raw is not None else {}, "")
+    except ConfigError as error:
+        raise ConfigError(error.key, str(error).split(": ", 2)[-1], source=path) from None
+
+
+def build(cls: type[T], raw: Any, prefix: str) -> T:
+    """Build dataclass `cls` from a mapping, strictly (no unknown keys, exact types)."""
+    where = prefix.rstrip(".") or "(top level)"
+    if not isinstance(raw, dict):
+        raise ConfigError(where, f"expected a mapping, got {type(raw).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        raise ConfigError(f"{prefix}{unknown[0]}", f"unknown key; expected one of {sorted(fields)}")
+    hints = typing.get_type_hints(cls)
+    values = {name: _coerce(hints[name], raw[name], f"{prefix}{name}") for name in raw}
+    try:
+        return cls(**values)
+    except ConfigError as error:
+        # Range checks in __post_init__ name the key relative to the section.
+        if prefix and not error.key.startswith(prefix):
+            raise ConfigError(prefix + error.key, str(error).split(": ", 2)[-1]) from None
+        raise
+
+
+def _coerce(hint: Any, value: Any, key: str) -> Any:
+    if dataclasses.is_dataclass(hint):
+        return build(hint, value, key + ".")
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(hint)
+        if value is None and type(None) in options:
+            return None
+        hint = next(option for option in options if option is not type(None))
+        return _coerce(hint, value, key)
+    if origin is tuple:
+        if not isinstance(value, list | tuple):
+            raise ConfigError(key, f"expected a list, got {value!r}")
+        (item_hint, *_) = typing.get_args(hint)
+        return tuple(_coerce(item_hint, item, f"{key}[{i}]") for i, item in enumerate(value))
+    if hint is Path:
+        if not isinstance(value, str) or not value:
+            raise ConfigError(key, f"expected a path string, got {value!r}")
+        return Path(value)
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(key, f"expected true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(key, f"expected an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(key, f"expected a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(key, f"expected a string, got {value!r}")
+        return value
+    raise TypeError(f"config field {key} has an unsupported type {hint!r}")
+
+
+def _check_range(
+    key: str, value: float, low: float, high: float, exclusive_low: bool = False
+) -> None:
+    too_low = value <= low if exclusive_low else value < low
+    if too_low or value > high:
+        bracket = "(" if exclusive_low else "["
+        raise ConfigError(key, f"{value!r} is out of range {bracket}{low}, {high}]")

@@ -1,0 +1,142 @@
+"""Strict readers of the raw files. Each problem is a DataError naming the file and line."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from ubo_core.errors import DataError
+
+MIN_RATING, MAX_RATING = 1, 5
+
+
+@dataclass(frozen=True)
+class Ratings:
+    """Explicit ratings as 0-based (user, item, rating) triples, (n,) arrays."""
+
+    user: np.ndarray
+    item: np.ndarray
+    rating: np.ndarray
+
+
+def read_rating_matrix(path: Path, shape: tuple[int, int]) -> Ratings:
+    """A dense whitespace-separated rating matrix (Coat), 0 = unrated, 1..5 = a rating."""
+    if not path.is_file():
+        raise DataError(path, "file not found")
+    rows = []
+    with open(path) as handle:
+        for line_number, line in enumerate(handle, start=1):
+            fields = line.split()
+            if not fields:
+                continue
+            try:
+                rows.append([int(x) for x in fields])
+            except ValueError:
+                raise DataError(
+                    path, f"line {line_number}: non-integer rating in {line.strip()[:60]!r}"
+                ) from None
+            if len(fields) != shape[1]:
+                raise DataError(
+                    path, f"line {line_number}: {len(fields)} columns, expected {shape[1]}"
+                )
+    matrix = (
+        np.asarray(rows, dtype=np.int64).reshape(-1, shape[1]) if rows else np.zeros((0, shape[1]))
+    )
+    if matrix.shape != shape:
+        raise DataError(path, f"matrix shape {matrix.shape}, expected {shape}")
+    bad = (matrix != 0) & ((matrix < MIN_RATING) | (matrix > MAX_RATING))
+    if bad.any():
+        row, col = np.argwhere(bad)[0]
+        raise DataError(
+            path, f"line {row + 1}: rating {matrix[row, col]} out of range 0..{MAX_RATING}"
+        )
+    user, item = np.nonzero(matrix)
+    if user.size == 0:
+        raise DataError(path, "no ratings")
+    return Ratings(user.astype(np.int32), item.astype(np.int32), matrix[user, item].astype(np.int8))
+
+
+def read_rating_table(
+    path: Path, n_users: int, n_items: int, n_columns: int = 3, one_based: bool = True
+) -> Ratings:
+    """A tab-separated `user item rating [...]` table with integer ids (Yahoo! R3, ML-100K)."""
+    if not path.is_file():
+        raise DataError(path, "file not found")
+    try:
+        table = pd.read_csv(path, sep="\t", header=None, dtype=str, keep_default_na=False)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError) as error:
+        raise DataError(path, f"malformed table ({error})") from error
+    if table.shape[1] != n_columns:
+        raise DataError(path, f"{table.shape[1]} columns, expected {n_columns}")
+    values = table.iloc[:, :3].apply(pd.to_numeric, errors="coerce")
+    bad_rows = values.isna().any(axis=1) | (values != values.round()).any(axis=1)
+    if bad_rows.any():
+        row = int(np.flatnonzero(bad_rows.to_numpy())[0])
+        shown = "\t".join(table.iloc[row].tolist())[:60]
+        raise DataError(path, f"line {row + 1}: non-integer field in {shown!r}")
+    triples = values.to_numpy(dtype=np.int64)
+    offset = 1 if one_based else 0
+    user, item, rating = triples[:, 0] - offset, triples[:, 1] - offset, triples[:, 2]
+    _check_range(path, "user id", user, n_users, offset)
+    _check_range(path, "item id", item, n_items, offset)
+    out_of_range = (rating < MIN_RATING) | (rating > MAX_RATING)
+    if out_of_range.any():
+        row = int(np.flatnonzero(out_of_range)[0])
+        raise DataError(
+            path, f"line {row + 1}: rating {rating[row]} out of range {MIN_RATING}..{MAX_RATING}"
+        )
+    _check_duplicates(path, user, item, n_items)
+    if user.size == 0:
+        raise DataError(path, "no ratings")
+    return Ratings(user.astype(np.int32), item.astype(np.int32), rating.astype(np.int8))
+
+
+def read_interactions(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """A `user<TAB>item` file with a header and string ids (Amazon CDs).
+
+    Returns (user_index, item_index, user_names, item_names); indices follow sorted names.
+    """
+    if not path.is_file():
+        raise DataError(path, "file not found")
+    try:
+        table = pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError) as error:
+        raise DataError(path, f"malformed table ({error})") from error
+    if list(table.columns) != ["user", "item"]:
+        raise DataError(path, f"header {list(table.columns)}, expected ['user', 'item']")
+    empty = (table["user"] == "") | (table["item"] == "")
+    if empty.any():
+        raise DataError(path, f"line {int(np.flatnonzero(empty.to_numpy())[0]) + 2}: empty id")
+    user_names, user = np.unique(table["user"].to_numpy(), return_inverse=True)
+    item_names, item = np.unique(table["item"].to_numpy(), return_inverse=True)
+    _check_duplicates(path, user, item, item_names.size, line_offset=2)
+    if user.size == 0:
+        raise DataError(path, "no interactions")
+    return user.astype(np.int32), item.astype(np.int32), user_names, item_names
+
+
+def _check_range(path: Path, what: str, ids: np.ndarray, limit: int, offset: int) -> None:
+    bad = (ids < 0) | (ids >= limit)
+    if bad.any():
+        row = int(np.flatnonzero(bad)[0])
+        first, last = offset, limit - 1 + offset
+        raise DataError(
+            path, f"line {row + 1}: {what} {ids[row] + offset} out of range [{first}, {last}]"
+        )
+
+
+def _check_duplicates(
+    path: Path, user: np.ndarray, item: np.ndarray, n_items: int, line_offset: int = 1
+) -> None:
+    keys = user.astype(np.int64) * n_items + item
+    _, first, counts = np.unique(keys, return_index=True, return_counts=True)
+    if (counts > 1).any():
+        key = int(np.flatnonzero(counts > 1)[0])
+        duplicate_rows = np.flatnonzero(keys == keys[first[key]])
+        raise DataError(
+            path,
+            f"duplicate (user, item) on lines {(duplicate_rows[:2] + line_offset).tolist()}",
+        )

@@ -1,0 +1,228 @@
+"""Semi-synthetic data sets with known relevance gamma and exposure m (ML-100K, Amazon CDs).
+
+Saito et al. 2020's recipe (PAPER.md "Data protocol"), on a popularity subset that trains in
+minutes (`SubsetConfig`):
+1. Ground truth fitted to the real data. ML-100K: an MF fitted to the star ratings gives r_hat,
+   gamma = sigmoid(clip(r_hat, 1, 5) - eps); a logistic MF fitted to the rated/unrated
+   indicator gives the exposure score s, m = sigmoid(s) ** power.
+   Amazon CDs has no star ratings offline (the mirror holds interactions only), so both come
+   from one logistic MF with user and item biases fitted to the interaction indicator,
+   logit = b_u + b_i + p_u . q_i: m = sigmoid(logit) ** power exactly as for ML-100K, and
+   the preference part p_u . q_i, which is free of the popularity and activity biases,
+   standardised and mapped to pseudo-ratings r = clip(mean + std * z, 1, 5) with ML-100K's
+   rating mean and std, then gamma = sigmoid(r - eps) as for ML-100K.
+2. Training clicks: R ~ Bern(gamma), O ~ Bern(m) for every pair; the exposed pairs (O = 1)
+   are the "rated" pairs, labelled R, so R~ = O * R.
+3. Test: for every user, `n_test_items` items drawn uniformly without replacement, each with a
+   fresh relevance draw R ~ Bern(gamma) (random exposure, so no exposure bias), evaluated
+   exactly like the real sets.
+Fits run in float64 on one CPU thread so the same seed gives the same bytes everywhere.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ubo_core.config import SEMISYNTHETIC_DATASETS, SemisyntheticConfig, SubsetConfig, check_dataset
+from ubo_core.data import FeedbackData, evaluable_users
+from ubo_core.datasets.readers import read_interactions, read_rating_table
+from ubo_core.errors import DataError
+
+ML100K_SHAPE = (943, 1_682)
+# ML-100K's rating mean and standard deviation, used to give Amazon's pseudo-ratings the
+# same scale (so one eps means comparable relevance levels on both sets).
+PSEUDO_RATING_MEAN = 3.53
+PSEUDO_RATING_STD = 1.13
+
+
+def build_semisynthetic(
+    name: str, raw_folder: Path, config: SemisyntheticConfig
+) -> tuple[FeedbackData, dict[str, int]]:
+    """The semisynthetic stage's science: raw folder -> data set with true gamma and m.
+
+    Also returns the size of the source it was derived from (`source_n_users`,
+    `source_n_items`, `source_n_interactions`) for the summary.
+    """
+    check_dataset(name, SEMISYNTHETIC_DATASETS)
+    if not raw_folder.is_dir():
+        raise DataError(raw_folder, f"raw data missing; run `dvc repro download@{name}` first")
+    seeds = np.random.SeedSequence(config.seed).spawn(3)
+    torch_seed = int(seeds[0].generate_state(1)[0])
+    if name == "ml100k":
+        ratings = read_rating_table(raw_folder / "u.data", *ML100K_SHAPE, n_columns=4)
+        source = _source_counts(ratings.user, ratings.item)
+        user, item, kept = _popular_subset(ratings.user, ratings.item, config.ml100k)
+        rating = ratings.rating[kept].astype(np.float64)
+        shape = (int(user.max()) + 1, int(item.max()) + 1)
+        with _deterministic_torch(torch_seed):
+            r_hat = fit_rating_mf(user, item, rating, shape, config)
+            exposure_logit, _ = fit_logistic_mf(user, item, shape, config)
+        relevance = _sigmoid(np.clip(r_hat, 1.0, 5.0) - config.relevance_eps)
+    else:
+        user, item, _, _ = read_interactions(raw_folder / "cds_interactions.tsv")
+        source = _source_counts(user, item)
+        user, item, _ = _popular_subset(user, item, config.amazon_cds)
+        shape = (int(user.max()) + 1, int(item.max()) + 1)
+        with _deterministic_torch(torch_seed):
+            exposure_logit, preference = fit_logistic_mf(user, item, shape, config)
+        z = (preference - preference.mean()) / preference.std()
+        pseudo_rating = np.clip(PSEUDO_RATING_MEAN + PSEUDO_RATING_STD * z, 1.0, 5.0)
+        relevance = _sigmoid(pseudo_rating - config.relevance_eps)
+    exposure = _sigmoid(exposure_logit) ** config.exposure_power
+    data = sample_feedback(relevance, exposure, config.n_test_items, seeds[1], seeds[2])
+    data.check(raw_folder)
+    return data, source
+
+
+def _source_counts(user: np.ndarray, item: np.ndarray) -> dict[str, int]:
+    return {
+        "source_n_users": int(np.unique(user).size),
+        "source_n_items": int(np.unique(item).size),
+        "source_n_interactions": int(user.size),
+    }
+
+
+def sample_feedback(
+    relevance: np.ndarray,
+    exposure: np.ndarray,
+    n_test_items: int,
+    train_seed: np.random.SeedSequence,
+    test_seed: np.random.SeedSequence,
+) -> FeedbackData:
+    """Draw training clicks R~ = O * R and a random-exposure test set from gamma and m."""
+    n_users, n_items = relevance.shape
+    if n_test_items > n_items:
+        raise DataError("semisynthetic", f"n_test_items {n_test_items} > {n_items} items")
+    train_rng, test_rng = np.random.default_rng(train_seed), np.random.default_rng(test_seed)
+    relevant = train_rng.random(relevance.shape) < relevance
+    exposed = train_rng.random(exposure.shape) < exposure
+    train_user, train_item = np.nonzero(exposed)
+    train_label = relevant[train_user, train_item].astype(np.int8)
+    # Uniform items per user without replacement: the first n of a random permutation.
+    test_items = np.argsort(test_rng.random((n_users, n_items)), axis=1)[:, :n_test_items]
+    test_items = np.sort(test_items, axis=1)
+    test_user = np.repeat(np.arange(n_users), n_test_items)
+    test_item = test_items.ravel()
+    test_label = (test_rng.random(test_item.size) < relevance[test_user, test_item]).astype(np.int8)
+    return FeedbackData(
+        n_users=n_users,
+        n_items=n_items,
+        train_user=train_user.astype(np.int32),
+        train_item=train_item.astype(np.int32),
+        train_label=train_label,
+        test_user=test_user.astype(np.int32),
+        test_item=test_item.astype(np.int32),
+        test_label=test_label,
+        eval_users=evaluable_users(n_users, train_user[train_label == 1], test_user, test_label),
+        true_relevance=relevance.astype(np.float32),
+        true_exposure=exposure.astype(np.float32),
+    )
+
+
+def _popular_subset(
+    user: np.ndarray, item: np.ndarray, subset: SubsetConfig
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Keep the `n_items` most popular items (ties: lower id), then users with at least
+    `min_user_interactions` on them; re-index both densely. Returns (user, item, kept rows)."""
+    counts = np.bincount(item)
+    top_items = np.lexsort((np.arange(counts.size), -counts))[: subset.n_items]
+    rows = np.flatnonzero(np.isin(item, top_items))
+    user_counts = np.bincount(user[rows], minlength=int(user.max()) + 1)
+    rows = rows[user_counts[user[rows]] >= subset.min_user_interactions]
+    if rows.size == 0:
+        raise DataError("semisynthetic", f"the subset {subset} keeps no interaction")
+    kept_users, new_user = np.unique(user[rows], return_inverse=True)
+    kept_items, new_item = np.unique(item[rows], return_inverse=True)
+    if kept_users.size < 2 or kept_items.size < 2:
+        raise DataError("semisynthetic", f"the subset {subset} is degenerate")
+    return new_user.astype(np.int64), new_item.astype(np.int64), rows
+
+
+def fit_rating_mf(
+    user: np.ndarray,
+    item: np.ndarray,
+    rating: np.ndarray,
+    shape: tuple[int, int],
+    config: SemisyntheticConfig,
+) -> np.ndarray:
+    """Biased MF r_hat = mu + b_u + b_i + p_u . q_i fitted by full-batch Adam to the observed
+    ratings (mean squared error + L2); returns the full (n_users, n_items) r_hat."""
+    n_users, n_items = shape
+    u, i = torch.from_numpy(user), torch.from_numpy(item)
+    target = torch.from_numpy(rating)
+    params = _init_factors(n_users, n_items, config.fit_dim)
+    mu = torch.tensor(float(rating.mean()), dtype=torch.float64, requires_grad=True)
+    optimizer = torch.optim.Adam([mu, *params], lr=config.fit_lr)
+    b_u, b_i, p, q = params
+    for _ in range(config.fit_steps):
+        optimizer.zero_grad()
+        prediction = mu + b_u[u] + b_i[i] + (p[u] * q[i]).sum(1)
+        loss = ((prediction - target) ** 2).mean() + config.fit_weight_decay * _l2(params)
+        loss.backward()
+        optimizer.step()
+    with torch.no_grad():
+        full = mu + b_u[:, None] + b_i[None, :] + p @ q.T
+    return full.numpy()
+
+
+def fit_logistic_mf(
+    user: np.ndarray, item: np.ndarray, shape: tuple[int, int], config: SemisyntheticConfig
+) -> tuple[np.ndarray, np.ndarray]:
+    """Logistic MF logit = b_u + b_i + p_u . q_i fitted by full-batch Adam to the N x M 0/1
+    indicator of the given pairs (mean log loss + L2). Returns (logit, p . q), both (N, M)."""
+    n_users, n_items = shape
+    indicator = torch.zeros(shape, dtype=torch.float64)
+    indicator[torch.from_numpy(user), torch.from_numpy(item)] = 1.0
+    params = _init_factors(n_users, n_items, config.fit_dim)
+    b_u, b_i, p, q = params
+    with torch.no_grad():
+        # Start the item biases at the marginal log-odds: the fit then only learns deviations.
+        density = indicator.mean().clamp(1e-6, 1 - 1e-6)
+        b_i += torch.log(density / (1 - density))
+    optimizer = torch.optim.Adam(params, lr=config.fit_lr)
+    for _ in range(config.fit_steps):
+        optimizer.zero_grad()
+        logit = b_u[:, None] + b_i[None, :] + p @ q.T
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(logit, indicator)
+        loss = loss + config.fit_weight_decay * _l2(params)
+        loss.backward()
+        optimizer.step()
+    with torch.no_grad():
+        preference = p @ q.T
+        logit = b_u[:, None] + b_i[None, :] + preference
+    return logit.numpy(), preference.numpy()
+
+
+def _init_factors(n_users: int, n_items: int, dim: int) -> list[torch.Tensor]:
+    scale = 0.1
+    return [
+        torch.zeros(n_users, dtype=torch.float64, requires_grad=True),
+        torch.zeros(n_items, dtype=torch.float64, requires_grad=True),
+        (scale * torch.randn(n_users, dim, dtype=torch.float64)).requires_grad_(),
+        (scale * torch.randn(n_items, dim, dtype=torch.float64)).requires_grad_(),
+    ]
+
+
+def _l2(params: list[torch.Tensor]) -> torch.Tensor:
+    return sum((x**2).mean() for x in params)  # type: ignore[return-value]
+
+
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-x))
+
+
+@contextlib.contextmanager
+def _deterministic_torch(seed: int) -> Iterator[None]:
+    """Seed torch and use one thread: float reductions then do not depend on the core count."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    torch.manual_seed(seed)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)

@@ -1,0 +1,175 @@
+"""Command-line entry points of the DVC stages (thin: load config, resolve paths, call one
+function, write outputs atomically).
+
+    python -m ubo_core.stages download <dataset>
+    python -m ubo_core.stages preprocess <coat|yahoo>
+    python -m ubo_core.stages semisynthetic <ml100k|amazon_cds>
+    python -m ubo_core.stages validation <dataset>
+    python -m ubo_core.stages summary [<dataset> ...]
+
+Any UboError (bad params.yaml, missing or corrupt file, malformed row, empty split) ends the
+command with one line on stderr naming the file or key, and exit status 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from ubo_core.config import (
+    DATASETS,
+    REAL_DATASETS,
+    SEMISYNTHETIC_DATASETS,
+    Params,
+    check_dataset,
+    load_params,
+)
+from ubo_core.data import FeedbackData
+from ubo_core.datasets.download import MIRROR_ENV, download_dataset
+from ubo_core.errors import DataError, UboError
+from ubo_core.fileio import read_json, write_json
+
+DATASET_FILE = "dataset.npz"
+SUMMARY_FILE = "summary.json"
+SUMMARY_COLUMNS = (
+    "source_n_users",
+    "source_n_items",
+    "source_n_interactions",
+    "n_users",
+    "n_items",
+    "n_train_ratings",
+    "n_train_pos",
+    "n_train_pos_kept",
+    "n_test_ratings",
+    "n_test_pos",
+    "n_eval_users",
+    "n_val_pairs",
+    "n_hyper_pairs",
+    "mean_true_exposure",
+)
+
+
+def run_download(params: Params, name: str) -> None:
+    mirror = os.environ.get(MIRROR_ENV) or None
+    target = download_dataset(
+        name, params.data.raw_dir, params.data.manual_dir, Path(mirror) if mirror else None
+    )
+    print(f"download {name}: {target} ({'mirror ' + mirror if mirror else 'official source'})")
+
+
+def run_preprocess(params: Params, name: str) -> None:
+    from ubo_core.datasets.real import preprocess_real
+
+    check_dataset(name, REAL_DATASETS)
+    data = preprocess_real(name, params.data.raw_dir / name, params.preprocess.positive_threshold)
+    _write_dataset(data, params.data.interim_dir / name)
+
+
+def run_semisynthetic(params: Params, name: str) -> None:
+    from ubo_core.datasets.semisynthetic import build_semisynthetic
+
+    check_dataset(name, SEMISYNTHETIC_DATASETS)
+    data, source = build_semisynthetic(name, params.data.raw_dir / name, params.semisynthetic)
+    _write_dataset(data, params.data.interim_dir / name, data.counts() | source)
+
+
+def run_validation(params: Params, name: str) -> None:
+    from ubo_core.datasets.validation import build_validation_sets
+
+    check_dataset(name)
+    source = params.data.interim_dir / name / DATASET_FILE
+    if not source.is_file():
+        stage = "preprocess" if name in REAL_DATASETS else "semisynthetic"
+        raise DataError(source, f"not found; run `dvc repro {stage}@{name}` first")
+    before = FeedbackData.load(source)
+    after = build_validation_sets(before, params.validation)
+    # Keep the input's summary (training counts as users know them from the data set's
+    # published size, source sizes) and add what stays in training once the validation sets
+    # are split off.
+    summary = (
+        read_json(source.with_name(SUMMARY_FILE))
+        | after.counts()
+        | {
+            "n_train_ratings": before.counts()["n_train_ratings"],
+            "n_train_pos": before.counts()["n_train_pos"],
+            "n_train_ratings_kept": after.counts()["n_train_ratings"],
+            "n_train_pos_kept": after.counts()["n_train_pos"],
+        }
+    )
+    _write_dataset(after, params.data.processed_dir / name, summary)
+
+
+def _write_dataset(data: FeedbackData, folder: Path, summary: dict | None = None) -> None:
+    summary = summary or data.counts()
+    data.save(folder / DATASET_FILE)
+    write_json(folder / SUMMARY_FILE, summary)
+    print(f"wrote {folder / DATASET_FILE}: {summary}")
+
+
+def summary_table(params: Params, names: Sequence[str]) -> str:
+    """Each processed data set's summary.json side by side: one row per count."""
+    columns = {}
+    for name in names:
+        path = params.data.processed_dir / check_dataset(name) / SUMMARY_FILE
+        columns[name] = read_json(path) if path.is_file() else {}
+    rows = [["", *columns]]
+    rows += [
+        [key, *(_cell(summary.get(key)) for summary in columns.values())] for key in SUMMARY_COLUMNS
+    ]
+    widths = [max(len(row[k]) for row in rows) for k in range(len(rows[0]))]
+    lines = [
+        "  ".join(
+            v.ljust(w) if k == 0 else v.rjust(w)
+            for k, (v, w) in enumerate(zip(row, widths, strict=True))
+        )
+        for row in rows
+    ]
+    missing = [name for name, summary in columns.items() if not summary]
+    if missing:
+        lines.append(f"(not built yet: {', '.join(missing)}; run `dvc repro`)")
+    return "\n".join(lines)
+
+
+def _cell(value: object) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.4f}"
+    return f"{value:,}" if isinstance(value, int) else str(value)
+
+
+STAGES = {
+    "download": run_download,
+    "preprocess": run_preprocess,
+    "semisynthetic": run_semisynthetic,
+    "validation": run_validation,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m ubo_core.stages", description=__doc__.split("\n")[0]
+    )
+    parser.add_argument("stage", choices=[*STAGES, "summary"])
+    parser.add_argument("datasets", nargs="*", help=f"data set names: {', '.join(DATASETS)}")
+    parser.add_argument("--params", default="params.yaml", help="path to params.yaml")
+    args = parser.parse_args(argv)
+    try:
+        params = load_params(args.params)
+        if args.stage == "summary":
+            print(summary_table(params, args.datasets or DATASETS))
+            return 0
+        if len(args.datasets) != 1:
+            parser.error(f"stage {args.stage} takes exactly one data set")
+        STAGES[args.stage](params, args.datasets[0])
+    except UboError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
