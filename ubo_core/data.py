@@ -137,6 +137,13 @@ class FeedbackData:
         """Validate shapes, id ranges, labels and duplicates; raise DataError naming `where`."""
         if self.n_users <= 0 or self.n_items <= 0:
             raise DataError(where, f"empty matrix {self.n_users} x {self.n_items}")
+        validation_arrays = [
+            f"{group}_{k}" for group in _OPTIONAL_GROUPS for k in ("user", "item", "label")
+        ] + ["excluded_user", "excluded_item"]
+        present = [name for name in validation_arrays if getattr(self, name) is not None]
+        if present and len(present) != len(validation_arrays):
+            missing = sorted(set(validation_arrays) - set(present))
+            raise DataError(where, f"incomplete validation sets: missing {missing}")
         for group in _PAIR_GROUPS:
             user, item, label = (getattr(self, f"{group}_{k}") for k in ("user", "item", "label"))
             if user is None and group in _OPTIONAL_GROUPS:

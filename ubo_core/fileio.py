@@ -58,7 +58,8 @@ def atomic_path(target: Path) -> Iterator[Path]:
 
 
 def save_npz(path: Path, arrays: Mapping[str, np.ndarray]) -> None:
-    """Write arrays to an uncompressed-member .npz atomically and byte-reproducibly."""
+    """Write arrays to a deflated .npz atomically, with a fixed member timestamp so the same
+    arrays give the same bytes (for a given zlib)."""
     with atomic_path(Path(path)) as tmp:
         with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=6) as zf:
             for name in sorted(arrays):

@@ -53,6 +53,8 @@ def derive_cds_subset(
     distinct = ratings.groupby("user")["item"].nunique()
     ratings = ratings[ratings["user"].isin(distinct.index[distinct >= MIN_USER_DISTINCT])]
     ratings = ratings.sort_values("user", kind="mergesort")
+    if ratings.empty:
+        raise DataError(ratings_csv, "the HGN filter keeps no interaction")
     with atomic_path(out_tsv) as tmp:
         ratings[["user", "item"]].to_csv(tmp, sep="\t", index=False)
     if expected_pairs_sha256 is not None:

@@ -42,31 +42,35 @@ def fetch_source(source: Source, target: Path, manual_folder: Path, mirror: Path
     """Bring `source`'s files into folder `target`, checked; `target` appears only if all pass."""
     with atomic_path(target) as staging:
         staging.mkdir(parents=True)
-        derived_online = False
         if mirror is not None:
             _copy_from_mirror(source, Path(mirror), staging)
+            verify_files(source, staging, Path(mirror) / source.name)
         elif source.licensed:
             _copy_from_manual(source, manual_folder, staging)
+            verify_files(source, staging, manual_folder)
         elif source.archive_url is not None:
             _fetch_archive(source, source.archive_url, staging)
+            verify_files(source, staging, source.archive_url)
         else:
             # Derived online; checked by its pairs' checksum inside (row order can differ).
             _fetch_amazon(staging)
-            derived_online = True
-        if not derived_online:
-            verify_files(source, staging)
 
 
-def verify_files(source: Source, folder: Path) -> None:
-    """Check every expected file of `source` is in `folder` with the recorded sha256."""
+def verify_files(source: Source, folder: Path, origin: str | Path) -> None:
+    """Check every expected file of `source` is in `folder` with the recorded sha256.
+
+    Errors name the file where it came from (`origin`/path: the mirror or manual copy the
+    user has to replace, or the archive URL), not the staging copy that is about to vanish.
+    """
     for raw in source.files:
         path = folder / raw.path
+        shown = f"{origin}/{raw.path}"
         if not path.is_file():
-            raise DataError(path, "expected file is missing")
+            raise DataError(shown, "expected file is missing")
         digest = sha256_file(path)
         if digest != raw.sha256:
             raise DataError(
-                path,
+                shown,
                 f"sha256 mismatch: expected {raw.sha256}, got {digest} (corrupt or wrong file)",
             )
 
@@ -76,20 +80,19 @@ def _copy_from_mirror(source: Source, mirror: Path, staging: Path) -> None:
     if not mirror.is_dir():
         raise DataError(mirror, f"{MIRROR_ENV} points to a folder that does not exist")
     if source.licensed and not folder.is_dir():
-        raise DataError(folder, _licensed_message(source, folder))
+        raise DataError(folder, _licensed_message(source, folder, [f.path for f in source.files]))
     _copy_files(source, folder, staging, hint=f"the mirror ({MIRROR_ENV}) lacks it")
 
 
 def _copy_from_manual(source: Source, folder: Path, staging: Path) -> None:
     missing = [raw.path for raw in source.files if not (folder / raw.path).is_file()]
     if missing:
-        raise DataError(folder, _licensed_message(source, folder))
+        raise DataError(folder, _licensed_message(source, folder, missing))
     _copy_files(source, folder, staging, hint="")
 
 
-def _licensed_message(source: Source, folder: Path) -> str:
-    names = ", ".join(raw.path for raw in source.files)
-    return f"missing {names}. " + source.how_to_obtain.format(manual_dir=folder)
+def _licensed_message(source: Source, folder: Path, missing: list[str]) -> str:
+    return f"missing {', '.join(missing)}. " + source.how_to_obtain.format(manual_dir=folder)
 
 
 def _copy_files(source: Source, folder: Path, staging: Path, hint: str) -> None:

@@ -26,12 +26,13 @@ def read_rating_matrix(path: Path, shape: tuple[int, int]) -> Ratings:
     """A dense whitespace-separated rating matrix (Coat), 0 = unrated, 1..5 = a rating."""
     if not path.is_file():
         raise DataError(path, "file not found")
-    rows = []
+    rows, line_numbers = [], []
     with open(path) as handle:
         for line_number, line in enumerate(handle, start=1):
             fields = line.split()
             if not fields:
                 continue
+            line_numbers.append(line_number)
             try:
                 rows.append([int(x) for x in fields])
             except ValueError:
@@ -51,7 +52,8 @@ def read_rating_matrix(path: Path, shape: tuple[int, int]) -> Ratings:
     if bad.any():
         row, col = np.argwhere(bad)[0]
         raise DataError(
-            path, f"line {row + 1}: rating {matrix[row, col]} out of range 0..{MAX_RATING}"
+            path,
+            f"line {line_numbers[row]}: rating {matrix[row, col]} out of range 0..{MAX_RATING}",
         )
     user, item = np.nonzero(matrix)
     if user.size == 0:
@@ -66,29 +68,36 @@ def read_rating_table(
     if not path.is_file():
         raise DataError(path, "file not found")
     try:
-        table = pd.read_csv(path, sep="\t", header=None, dtype=str, keep_default_na=False)
+        # Blank lines are kept, then dropped by hand, so row k stays file line k + 1.
+        table = pd.read_csv(
+            path, sep="\t", header=None, dtype=str, keep_default_na=False, skip_blank_lines=False
+        ).fillna("")
     except (pd.errors.ParserError, pd.errors.EmptyDataError) as error:
         raise DataError(path, f"malformed table ({error})") from error
     if table.shape[1] != n_columns:
         raise DataError(path, f"{table.shape[1]} columns, expected {n_columns}")
+    table = table[~(table == "").all(axis=1)]
+    line_of = table.index.to_numpy() + 1
     values = table.iloc[:, :3].apply(pd.to_numeric, errors="coerce")
-    bad_rows = values.isna().any(axis=1) | (values != values.round()).any(axis=1)
+    empty_field = (table == "").any(axis=1)
+    bad_rows = empty_field | values.isna().any(axis=1) | (values != values.round()).any(axis=1)
     if bad_rows.any():
         row = int(np.flatnonzero(bad_rows.to_numpy())[0])
         shown = "\t".join(table.iloc[row].tolist())[:60]
-        raise DataError(path, f"line {row + 1}: non-integer field in {shown!r}")
+        raise DataError(path, f"line {line_of[row]}: non-integer field in {shown!r}")
     triples = values.to_numpy(dtype=np.int64)
     offset = 1 if one_based else 0
     user, item, rating = triples[:, 0] - offset, triples[:, 1] - offset, triples[:, 2]
-    _check_range(path, "user id", user, n_users, offset)
-    _check_range(path, "item id", item, n_items, offset)
+    _check_range(path, "user id", user, n_users, offset, line_of)
+    _check_range(path, "item id", item, n_items, offset, line_of)
     out_of_range = (rating < MIN_RATING) | (rating > MAX_RATING)
     if out_of_range.any():
         row = int(np.flatnonzero(out_of_range)[0])
         raise DataError(
-            path, f"line {row + 1}: rating {rating[row]} out of range {MIN_RATING}..{MAX_RATING}"
+            path,
+            f"line {line_of[row]}: rating {rating[row]} out of range {MIN_RATING}..{MAX_RATING}",
         )
-    _check_duplicates(path, user, item, n_items)
+    _check_duplicates(path, user, item, n_items, line_of)
     if user.size == 0:
         raise DataError(path, "no ratings")
     return Ratings(user.astype(np.int32), item.astype(np.int32), rating.astype(np.int8))
@@ -101,35 +110,48 @@ def read_interactions(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, n
     """
     if not path.is_file():
         raise DataError(path, "file not found")
+    with open(path) as handle:
+        header = handle.readline().rstrip("\r\n").split("\t")
+    if header != ["user", "item"]:
+        raise DataError(path, f"header {header}, expected ['user', 'item']")
     try:
-        table = pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError) as error:
+        # header=None and a column count check: with a header row, pandas would silently
+        # take an extra field for an index column.
+        table = pd.read_csv(
+            path, sep="\t", header=None, skiprows=1, dtype=str, keep_default_na=False
+        )
+    except pd.errors.EmptyDataError:
+        raise DataError(path, "no interactions") from None
+    except pd.errors.ParserError as error:
         raise DataError(path, f"malformed table ({error})") from error
-    if list(table.columns) != ["user", "item"]:
-        raise DataError(path, f"header {list(table.columns)}, expected ['user', 'item']")
+    if table.shape[1] != 2:
+        raise DataError(path, f"{table.shape[1]} fields per line, expected 2 (user, item)")
+    table.columns = ["user", "item"]
     empty = (table["user"] == "") | (table["item"] == "")
     if empty.any():
         raise DataError(path, f"line {int(np.flatnonzero(empty.to_numpy())[0]) + 2}: empty id")
     user_names, user = np.unique(table["user"].to_numpy(), return_inverse=True)
     item_names, item = np.unique(table["item"].to_numpy(), return_inverse=True)
-    _check_duplicates(path, user, item, item_names.size, line_offset=2)
+    _check_duplicates(path, user, item, item_names.size, np.arange(user.size) + 2)
     if user.size == 0:
         raise DataError(path, "no interactions")
     return user.astype(np.int32), item.astype(np.int32), user_names, item_names
 
 
-def _check_range(path: Path, what: str, ids: np.ndarray, limit: int, offset: int) -> None:
+def _check_range(
+    path: Path, what: str, ids: np.ndarray, limit: int, offset: int, line_of: np.ndarray
+) -> None:
     bad = (ids < 0) | (ids >= limit)
     if bad.any():
         row = int(np.flatnonzero(bad)[0])
         first, last = offset, limit - 1 + offset
         raise DataError(
-            path, f"line {row + 1}: {what} {ids[row] + offset} out of range [{first}, {last}]"
+            path, f"line {line_of[row]}: {what} {ids[row] + offset} out of range [{first}, {last}]"
         )
 
 
 def _check_duplicates(
-    path: Path, user: np.ndarray, item: np.ndarray, n_items: int, line_offset: int = 1
+    path: Path, user: np.ndarray, item: np.ndarray, n_items: int, line_of: np.ndarray
 ) -> None:
     keys = user.astype(np.int64) * n_items + item
     _, first, counts = np.unique(keys, return_index=True, return_counts=True)
@@ -138,5 +160,5 @@ def _check_duplicates(
         duplicate_rows = np.flatnonzero(keys == keys[first[key]])
         raise DataError(
             path,
-            f"duplicate (user, item) on lines {(duplicate_rows[:2] + line_offset).tolist()}",
+            f"duplicate (user, item) on lines {line_of[duplicate_rows[:2]].tolist()}",
         )

@@ -40,7 +40,7 @@ def build_validation_sets(data: FeedbackData, config: ValidationConfig) -> Feedb
     remaining = ~np.isin(train_keys, val_keys)
 
     positive_rows = np.flatnonzero(remaining & (data.train_label == 1))
-    n_hyper = int(round(config.hyper_fraction * positive_rows.size))
+    n_hyper = _round_half_up(config.hyper_fraction * positive_rows.size)
     if n_hyper == 0:
         raise DataError("validation", "the hyper-validation set would be empty")
     hyper_rows = np.sort(rng.choice(positive_rows, size=n_hyper, replace=False))
@@ -80,7 +80,7 @@ def _unbiased_validation(
     data: FeedbackData, popularity: np.ndarray, config: ValidationConfig
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     activity = data.user_activity()
-    n_active = int(round(config.active_user_fraction * data.n_users))
+    n_active = _round_half_up(config.active_user_fraction * data.n_users)
     by_activity = np.lexsort((np.arange(data.n_users), -activity))
     active = by_activity[:n_active]
     active = active[activity[active] > 0]
@@ -123,3 +123,8 @@ def _sample_unlabeled(
             return items.astype(np.int32)
         items[redraw] = rng.integers(0, n_items, size=int(redraw.sum()))
     raise DataError("validation", "could not draw enough unlabeled pairs (matrix too dense)")
+
+
+def _round_half_up(x: float) -> int:
+    # Python's round() rounds halves to even (round(2.5) == 2); sizes round halves up.
+    return int(np.floor(x + 0.5))

@@ -1,0 +1,31 @@
+"""Shared fixtures of the data-module tests: tiny, hand-checkable inputs built in memory."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from ubo_core.data import FeedbackData
+
+
+@pytest.fixture
+def tiny_feedback() -> FeedbackData:
+    """A valid 3 users x 4 items data set, small enough to work out by hand.
+
+    train (user, item, label): (0,0,1) (0,1,0) (1,0,1) (1,1,1) (2,2,1) (2,3,0)
+      -> item popularity (training positives per item) [2, 1, 1, 0], user activity [1, 2, 1]
+    test  (user, item, label): (0,2,1) (0,3,0) (1,0,1) (1,2,1) (2,1,0)
+      -> user 0 has a test positive, a test negative and a training positive: eval_users [0]
+         (user 1 has no test negative, user 2 no test positive)
+    """
+    return FeedbackData(
+        n_users=3,
+        n_items=4,
+        train_user=np.array([0, 0, 1, 1, 2, 2], np.int32),
+        train_item=np.array([0, 1, 0, 1, 2, 3], np.int32),
+        train_label=np.array([1, 0, 1, 1, 1, 0], np.int8),
+        test_user=np.array([0, 0, 1, 1, 2], np.int32),
+        test_item=np.array([2, 3, 0, 2, 1], np.int32),
+        test_label=np.array([1, 0, 1, 1, 0], np.int8),
+        eval_users=np.array([0], np.int32),
+    )

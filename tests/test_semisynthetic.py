@@ -1,0 +1,315 @@
+"""ubo_core.datasets.semisynthetic: clicks drawn from known gamma and m, and the builder."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+import pytest
+
+from ubo_core.config import SemisyntheticConfig, SubsetConfig
+from ubo_core.data import FeedbackData
+from ubo_core.datasets import semisynthetic
+from ubo_core.datasets.semisynthetic import build_semisynthetic, sample_feedback
+from ubo_core.errors import ConfigError, DataError
+
+
+def seeds(seed: int) -> tuple[np.random.SeedSequence, np.random.SeedSequence]:
+    train, test = np.random.SeedSequence(seed).spawn(2)
+    return train, test
+
+
+def sigmoid(x: float) -> float:
+    return 1.0 / (1.0 + math.exp(-x))
+
+
+# ---------------------------------------------------------------- sample_feedback
+
+# 4 users x 5 items. Row 1 is never exposed (m = 0); column 2 is never relevant (gamma = 0);
+# cells with gamma = 1 and m = 1 are always exposed and positive.
+GAMMA = np.array(
+    [
+        [1.0, 1.0, 0.0, 0.5, 0.5],
+        [1.0, 0.5, 0.0, 0.5, 1.0],
+        [0.2, 1.0, 0.0, 1.0, 0.7],
+        [1.0, 1.0, 0.0, 1.0, 1.0],
+    ]
+)
+EXPOSURE = np.array(
+    [
+        [1.0, 1.0, 1.0, 0.5, 0.0],
+        [0.0, 0.0, 0.0, 0.0, 0.0],
+        [0.3, 1.0, 1.0, 1.0, 0.9],
+        [1.0, 0.0, 1.0, 0.5, 1.0],
+    ]
+)
+SURE_POSITIVE = {(0, 0), (0, 1), (2, 1), (2, 3), (3, 0), (3, 4)}  # gamma = m = 1
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_sample_feedback_respects_zero_and_one_probabilities(seed):
+    data = sample_feedback(GAMMA, EXPOSURE, 3, *seeds(seed))
+    pairs = zip(data.train_user.tolist(), data.train_item.tolist(), strict=True)
+    train = dict(zip(pairs, data.train_label.tolist(), strict=True))
+    assert 1 not in data.train_user  # m = 0 on the whole row
+    assert all(EXPOSURE[u, i] > 0 for u, i in train)  # only pairs with m > 0 are exposed
+    assert all(train[pair] == 0 for pair in train if pair[1] == 2)  # gamma = 0: never positive
+    assert all(train.get(pair) == 1 for pair in SURE_POSITIVE)  # always exposed and positive
+    # test labels: gamma = 0 never positive, gamma = 1 always positive
+    test_gamma = GAMMA[data.test_user, data.test_item]
+    assert (data.test_label[test_gamma == 0.0] == 0).all()
+    assert (data.test_label[test_gamma == 1.0] == 1).all()
+
+
+def test_sample_feedback_test_items_are_distinct_per_user():
+    n_test = 3
+    data = sample_feedback(GAMMA, EXPOSURE, n_test, *seeds(0))
+    np.testing.assert_array_equal(data.test_user, np.repeat(np.arange(4), n_test))
+    items = data.test_item.reshape(4, n_test)
+    assert (np.diff(items, axis=1) > 0).all()  # sorted and distinct within each user
+    assert items.min() >= 0 and items.max() < 5
+
+
+def test_sample_feedback_stores_truth_as_float32_and_is_seeded():
+    data = sample_feedback(GAMMA, EXPOSURE, 2, *seeds(3))
+    assert data.true_relevance.dtype == np.float32 and data.true_exposure.dtype == np.float32
+    np.testing.assert_array_equal(data.true_relevance, GAMMA.astype(np.float32))
+    np.testing.assert_array_equal(data.true_exposure, EXPOSURE.astype(np.float32))
+    assert data.is_semisynthetic
+    again = sample_feedback(GAMMA, EXPOSURE, 2, *seeds(3))
+    for name in ("train_user", "train_item", "train_label", "test_item", "test_label"):
+        np.testing.assert_array_equal(getattr(data, name), getattr(again, name))
+
+
+def test_sample_feedback_counts_match_expectations_monte_carlo():
+    rng = np.random.default_rng(12345)
+    gamma = rng.uniform(0.0, 1.0, (200, 50))
+    m = rng.uniform(0.0, 1.0, (200, 50))
+    data = sample_feedback(gamma, m, 10, *seeds(7))
+    # exposed pairs: a sum of independent Bernoulli(m_ui): mean sum(m), var sum(m (1 - m))
+    mean, sd = m.sum(), math.sqrt((m * (1 - m)).sum())
+    assert abs(data.train_user.size - mean) < 4 * sd
+    # training positives R~ = O R: Bernoulli(gamma m)
+    p = gamma * m
+    assert abs(int(data.train_label.sum()) - p.sum()) < 4 * math.sqrt((p * (1 - p)).sum())
+    # test positives: Bernoulli(gamma) on the 200 * 10 drawn test pairs
+    q = gamma[data.test_user, data.test_item]
+    assert abs(int(data.test_label.sum()) - q.sum()) < 4 * math.sqrt((q * (1 - q)).sum())
+    # test items uniform: each item is drawn by Binomial(200, 10/50) users,
+    # mean 40, sd sqrt(200 * 0.2 * 0.8) = 5.657
+    per_item = np.bincount(data.test_item, minlength=50)
+    assert per_item.sum() == 2000
+    assert (np.abs(per_item - 40) < 4.5 * math.sqrt(200 * 0.2 * 0.8)).all()
+
+
+def test_sample_feedback_too_many_test_items():
+    with pytest.raises(DataError) as info:
+        sample_feedback(GAMMA, EXPOSURE, 6, *seeds(0))
+    assert str(info.value) == "semisynthetic: n_test_items 6 > 5 items"
+
+
+# ---------------------------------------------------------------- build_semisynthetic
+
+# u.data rows (user, item): item 1 by users 1-8 (8 ratings), item 2 by users 1-6 (6),
+# item 3 by users 1 2 3 7 (4), item 4 by users 4 5 6 8 (4), item 5 by user 8 (1).
+# SubsetConfig(n_items=3, min_user_interactions=2): items 1, 2, 3 (item 3 beats item 4 on the
+# 4 = 4 tie by lower id); interactions on them: users 1-3 three, users 4-7 two, user 8 one
+# -> user 8 dropped: 7 users x 3 items.
+ML_ROWS = (
+    [(u, 1) for u in range(1, 9)]
+    + [(u, 2) for u in range(1, 7)]
+    + [(u, 3) for u in (1, 2, 3, 7)]
+    + [(u, 4) for u in (4, 5, 6, 8)]
+    + [(8, 5)]
+)
+EPS = 2.0
+CONFIG = SemisyntheticConfig(
+    seed=0,
+    n_test_items=2,
+    relevance_eps=EPS,
+    fit_dim=2,
+    fit_steps=20,
+    ml100k=SubsetConfig(3, 2),
+    amazon_cds=SubsetConfig(3, 2),
+)
+
+
+@pytest.fixture(scope="module")
+def ml100k_folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("ml100k")
+    lines = [
+        f"{u}\t{i}\t{1 + (u * 7 + i * 3) % 5}\t{880000000 + k}\n"
+        for k, (u, i) in enumerate(ML_ROWS)
+    ]
+    (folder / "u.data").write_text("".join(lines))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def ml100k_built(ml100k_folder) -> tuple[FeedbackData, dict[str, int]]:
+    return build_semisynthetic("ml100k", ml100k_folder, CONFIG)
+
+
+@pytest.fixture(scope="module")
+def ml100k_data(ml100k_built) -> FeedbackData:
+    return ml100k_built[0]
+
+
+def test_build_ml100k_reports_the_source_size(ml100k_built):
+    # the whole u.data: users 1-8, items 1-5, 8 + 6 + 4 + 4 + 1 = 23 ratings
+    assert ml100k_built[1] == {
+        "source_n_users": 8,
+        "source_n_items": 5,
+        "source_n_interactions": 23,
+    }
+
+
+def test_build_ml100k_shapes(ml100k_data):
+    data = ml100k_data
+    assert (data.n_users, data.n_items) == (7, 3)
+    assert data.true_relevance.shape == data.true_exposure.shape == (7, 3)
+    # n_test_items = 2 per user
+    np.testing.assert_array_equal(data.test_user, np.repeat(np.arange(7), 2))
+    assert data.train_user.size == data.train_item.size == data.train_label.size <= 21
+
+
+def test_build_ml100k_relevance_within_the_closed_form_range(ml100k_data):
+    # gamma = sigmoid(clip(r_hat, 1, 5) - eps) lies in [sigmoid(1 - eps), sigmoid(5 - eps)]
+    # eps = 2: [sigmoid(-1), sigmoid(3)] = [0.268941, 0.952574]
+    low, high = sigmoid(1 - EPS), sigmoid(5 - EPS)
+    gamma = ml100k_data.true_relevance
+    assert gamma.min() >= low - 1e-6 and gamma.max() <= high + 1e-6
+    m = ml100k_data.true_exposure
+    assert m.min() > 0.0 and m.max() < 1.0  # sigmoid of a finite logit, power 1
+
+
+def test_build_ml100k_counts_report_the_truth_means(ml100k_data):
+    counts = ml100k_data.counts()
+    assert counts["mean_true_exposure"] == round(float(ml100k_data.true_exposure.mean()), 6)
+    assert counts["mean_true_relevance"] == round(float(ml100k_data.true_relevance.mean()), 6)
+    assert 0 < counts["mean_true_exposure"] < 1
+    assert counts["n_users"] == 7 and counts["n_items"] == 3 and counts["n_test_ratings"] == 14
+
+
+def test_build_ml100k_is_deterministic(ml100k_folder, ml100k_data):
+    again, _ = build_semisynthetic("ml100k", ml100k_folder, CONFIG)
+    for field in dataclasses.fields(FeedbackData):
+        np.testing.assert_array_equal(getattr(again, field.name), getattr(ml100k_data, field.name))
+
+
+def test_build_ml100k_exposure_power_raises_m_to_that_power(ml100k_folder, ml100k_data):
+    # Same seed, same fits: m(power 2) = sigmoid(s) ** 2 = m(power 1) ** 2 (float32 rounding)
+    squared, _ = build_semisynthetic(
+        "ml100k", ml100k_folder, dataclasses.replace(CONFIG, exposure_power=2.0)
+    )
+    np.testing.assert_allclose(
+        squared.true_exposure, ml100k_data.true_exposure.astype(np.float64) ** 2, rtol=1e-6
+    )
+    np.testing.assert_array_equal(squared.true_relevance, ml100k_data.true_relevance)
+
+
+def test_build_amazon_cds_from_interactions(tmp_path):
+    folder = tmp_path / "amazon_cds"
+    folder.mkdir()
+    # same popularity pattern with string ids: items "A" (8) "B" (6) "C" (4) "D" (4) "E" (1);
+    # "C" < "D" by name, so the kept items are A, B, C; user "u8" has one of them -> dropped.
+    names = {1: "A", 2: "B", 3: "C", 4: "D", 5: "E"}
+    rows = "".join(f"u{u}\t{names[i]}\n" for u, i in ML_ROWS)
+    (folder / "cds_interactions.tsv").write_text("user\titem\n" + rows)
+    data, source = build_semisynthetic("amazon_cds", folder, CONFIG)
+    assert (data.n_users, data.n_items) == (7, 3)
+    assert source == {"source_n_users": 8, "source_n_items": 5, "source_n_interactions": 23}
+    # pseudo-ratings are clipped to [1, 5], so the same closed-form range as ML-100K
+    gamma = data.true_relevance
+    assert gamma.min() >= sigmoid(1 - EPS) - 1e-6 and gamma.max() <= sigmoid(5 - EPS) + 1e-6
+
+
+@pytest.mark.parametrize("name", ["coat", "nope"])
+def test_build_semisynthetic_unknown_name(tmp_path, name):
+    with pytest.raises(ConfigError) as info:
+        build_semisynthetic(name, tmp_path, CONFIG)
+    assert info.value.key == "dataset"
+    assert f"unknown data set {name!r}" in str(info.value)
+
+
+def test_build_semisynthetic_missing_folder(tmp_path):
+    folder = tmp_path / "raw" / "ml100k"
+    with pytest.raises(DataError) as info:
+        build_semisynthetic("ml100k", folder, CONFIG)
+    assert str(info.value) == f"{folder}: raw data missing; run `dvc repro download@ml100k` first"
+
+
+def test_build_semisynthetic_subset_that_keeps_no_interaction(ml100k_folder):
+    # min_user_interactions 4 > 3, the most any user has on the 3 kept items
+    config = dataclasses.replace(CONFIG, ml100k=SubsetConfig(3, 4))
+    with pytest.raises(DataError, match="keeps no interaction"):
+        build_semisynthetic("ml100k", ml100k_folder, config)
+
+
+def _fixed_fits(monkeypatch, calls: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Replace the MF fits by known (7, 3) matrices and record what they were given."""
+    r_hat = np.linspace(-1.0, 7.0, 21).reshape(7, 3)  # spans below 1 and above 5
+    logit = np.linspace(-3.0, 3.0, 21).reshape(7, 3)
+    preference = np.linspace(-0.5, 0.5, 21)
+    preference[[0, -1]] = -10.0, 10.0  # two outliers: |z| > 3, so both clips are reached
+    preference = preference.reshape(7, 3)
+
+    def rating_mf(user, item, rating, shape, config):
+        calls["rating"] = (user, item, rating, shape)
+        return r_hat
+
+    def logistic_mf(user, item, shape, config):
+        calls["logistic"] = (user, item, shape)
+        return logit, preference
+
+    monkeypatch.setattr(semisynthetic, "fit_rating_mf", rating_mf)
+    monkeypatch.setattr(semisynthetic, "fit_logistic_mf", logistic_mf)
+    return r_hat, logit, preference
+
+
+def test_build_ml100k_truth_is_the_closed_form_of_the_fits(ml100k_folder, monkeypatch):
+    calls: dict = {}
+    r_hat, logit, _ = _fixed_fits(monkeypatch, calls)
+    config = dataclasses.replace(CONFIG, exposure_power=1.5)
+    data, _ = build_semisynthetic("ml100k", ml100k_folder, config)
+    # gamma = sigmoid(clip(r_hat, 1, 5) - eps); m = sigmoid(logit) ** power
+    expected_gamma = 1 / (1 + np.exp(-(np.clip(r_hat, 1, 5) - EPS)))
+    expected_m = (1 / (1 + np.exp(-logit))) ** 1.5
+    np.testing.assert_array_equal(data.true_relevance, expected_gamma.astype(np.float32))
+    np.testing.assert_array_equal(data.true_exposure, expected_m.astype(np.float32))
+    assert data.true_relevance.min() == np.float32(sigmoid(1 - EPS))  # clipped from below
+    assert data.true_relevance.max() == np.float32(sigmoid(5 - EPS))  # clipped from above
+    # Both fits see the subset: 7 users x 3 items, 7 + 6 + 4 = 17 ratings (user 8 and items
+    # 4, 5 gone), ids re-indexed densely (user u -> u - 1, item i -> i - 1 here).
+    user, item, rating, shape = calls["rating"]
+    assert shape == calls["logistic"][2] == (7, 3)
+    assert user.size == item.size == rating.size == 17
+    np.testing.assert_array_equal(calls["logistic"][0], user)
+    expected_pairs = {(u - 1, i - 1) for u, i in ML_ROWS if i <= 3 and u != 8}
+    assert set(zip(user.tolist(), item.tolist(), strict=True)) == expected_pairs
+    # the ratings go with their pairs: rating of (u, i) was 1 + (7u + 3i) mod 5
+    expected_rating = 1 + ((user + 1) * 7 + (item + 1) * 3) % 5
+    np.testing.assert_array_equal(rating, expected_rating)
+    assert rating.dtype == np.float64
+
+
+def test_build_amazon_truth_is_the_closed_form_of_the_fit(tmp_path, monkeypatch):
+    calls: dict = {}
+    _, logit, preference = _fixed_fits(monkeypatch, calls)
+    folder = tmp_path / "amazon_cds"
+    folder.mkdir()
+    names = {1: "A", 2: "B", 3: "C", 4: "D", 5: "E"}
+    rows = "".join(f"u{u}\t{names[i]}\n" for u, i in ML_ROWS)
+    (folder / "cds_interactions.tsv").write_text("user\titem\n" + rows)
+    data, _ = build_semisynthetic("amazon_cds", folder, CONFIG)
+    # z = standardised p.q; r = clip(3.53 + 1.13 z, 1, 5); gamma = sigmoid(r - eps)
+    z = (preference - preference.mean()) / preference.std()
+    pseudo = np.clip(3.53 + 1.13 * z, 1.0, 5.0)
+    assert pseudo.min() == 1.0 and pseudo.max() == 5.0
+    expected_gamma = 1 / (1 + np.exp(-(pseudo - EPS)))
+    np.testing.assert_allclose(data.true_relevance, expected_gamma.astype(np.float32), rtol=1e-6)
+    np.testing.assert_allclose(
+        data.true_exposure, (1 / (1 + np.exp(-logit))).astype(np.float32), rtol=1e-6
+    )
+    assert "rating" not in calls  # no star ratings on Amazon: the rating MF is not fitted
