@@ -96,14 +96,68 @@ class SemisyntheticConfig:
         return getattr(self, dataset)
 
 
+TRAIN_MODES: tuple[str, ...] = ("paper", "dense")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Knobs every method shares (the paper: Adam, lr 1e-3, dim 50, batch 1024, 100 epochs).
+
+    `mode` picks the training engine: "paper" steps on minibatches of `batch_size` pairs drawn
+    from all N x M pairs; "dense" steps on blocks of `block_users` users against all items
+    (a few GEMMs), with its own learning rate `dense_lr` since its batches are much larger.
+    """
+
+    mode: str = "paper"
+    device: str = "auto"
+    epochs: int = 100
+    dim: int = 50
+    batch_size: int = 1024
+    block_users: int = 256
+    lr: float = 1e-3
+    dense_lr: float = 1e-2
+    weight_decay: float = 0.0
+    init_std: float = 0.1
+    val_batch_size: int = 4096
+    eval_every: int = 1
+
+    def __post_init__(self) -> None:
+        if self.mode not in TRAIN_MODES:
+            raise ConfigError(
+                "mode", f"unknown mode {self.mode!r}; expected one of {list(TRAIN_MODES)}"
+            )
+        if self.device != "auto" and not (
+            self.device == "cpu" or self.device == "cuda" or self.device.startswith("cuda:")
+        ):
+            raise ConfigError("device", f"{self.device!r}; expected auto, cpu, cuda or cuda:N")
+        for key in ("epochs", "dim", "batch_size", "block_users", "val_batch_size", "eval_every"):
+            _check_range(key, getattr(self, key), 1, 10**9)
+        for key in ("lr", "dense_lr", "init_std"):
+            _check_range(key, getattr(self, key), 0.0, 100.0, True)
+        _check_range("weight_decay", self.weight_decay, 0.0, 100.0)
+
+    @property
+    def step_lr(self) -> float:
+        """The learning rate of the relevance parameters in this mode."""
+        return self.lr if self.mode == "paper" else self.dense_lr
+
+
 @dataclass(frozen=True)
 class Params:
-    """The whole of `params.yaml`."""
+    """The whole of `params.yaml`.
+
+    `methods` (per method) and `datasets` (per data set, per method) hold overrides of `train`
+    keys and each method's own knobs; they are checked against the method registry when the
+    file is loaded, and resolved by `ubo_core.methods.resolve_config`.
+    """
 
     data: DataPaths = field(default_factory=DataPaths)
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
     semisynthetic: SemisyntheticConfig = field(default_factory=SemisyntheticConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    methods: dict[str, dict[str, Any]] = field(default_factory=dict)
+    datasets: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
 
 
 def load_params(path: str | Path = "params.yaml") -> Params:
@@ -151,6 +205,14 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
             return None
         hint = next(option for option in options if option is not type(None))
         return _coerce(hint, value, key)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(key, f"expected a mapping, got {value!r}")
+        _, value_hint = typing.get_args(hint)
+        return {
+            str(k): (v if value_hint is Any else _coerce(value_hint, v, f"{key}.{k}"))
+            for k, v in value.items()
+        }
     if origin is tuple:
         if not isinstance(value, list | tuple):
             raise ConfigError(key, f"expected a list, got {value!r}")

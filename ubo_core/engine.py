@@ -1,0 +1,183 @@
+"""The training engine's data side: tensors resident on the device and the samplers.
+
+Training sees every (user, item) pair of the N x M matrix except the held-out validation
+pairs, with label R~ (1 on training positives). The samplers draw indices on the device from a
+seeded generator, so a step never transfers data from the host:
+
+- `PairSampler` (paper mode): a fresh permutation of all training pairs each epoch, cut into
+  minibatches of `batch_size` pairs (the paper's setting, 1024).
+- `BlockSampler` (dense mode): a permutation of the users cut into blocks of `block_users`;
+  a step sees each block's users against all items, so its scores are one GEMM.
+- `TripleSampler` (BPR): each training positive once per epoch with one item drawn uniformly
+  from that user's unlabeled items (R~ = 0, not held out).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ubo_core.data import FeedbackData
+from ubo_core.errors import UboError
+from ubo_core.metrics import RankingTask
+
+
+def resolve_device(requested: str) -> torch.device:
+    """`auto` is CUDA when present, else CPU; an unavailable CUDA request is an error."""
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(requested)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UboError(f"device {requested!r} requested but CUDA is not available")
+    return device
+
+
+@dataclass
+class Batch:
+    """One step's training pairs.
+
+    Pairs: users (B,), items (B,), labels (B,), weight None.
+    Dense block: users (B,), items None (= all items), labels (B, M), weight (B, M) with 0 on
+    held-out pairs. Triples (BPR): users (B,), items (B,) positives, negatives (B,).
+    """
+
+    users: Tensor
+    items: Tensor | None
+    labels: Tensor
+    weight: Tensor | None = None
+    negatives: Tensor | None = None
+
+    @property
+    def n_pairs(self) -> Tensor | int:
+        return self.users.numel() if self.weight is None else self.weight.sum()
+
+    def reduce_mean(self, per_pair: Tensor) -> Tensor:
+        """Mean of a per-pair loss over the batch's training pairs."""
+        if self.weight is None:
+            return per_pair.mean()
+        return (per_pair * self.weight).sum() / self.weight.sum()
+
+    def reduce_sum(self, per_pair: Tensor) -> Tensor:
+        return per_pair.sum() if self.weight is None else (per_pair * self.weight).sum()
+
+
+class TrainingTensors:
+    """Everything training and evaluation read, built once from a processed data set."""
+
+    def __init__(self, data: FeedbackData, device: torch.device) -> None:
+        if not data.has_validation:
+            raise UboError("training needs the processed data set (run the validation stage)")
+        assert data.excluded_user is not None and data.val_user is not None
+        assert data.val_item is not None and data.val_label is not None
+        self.device = device
+        self.n_users, self.n_items = data.n_users, data.n_items
+        pos_users, pos_items = data.train_positives()
+        labels = torch.zeros(self.n_users, self.n_items, dtype=torch.float32)
+        labels[torch.from_numpy(pos_users).long(), torch.from_numpy(pos_items).long()] = 1.0
+        in_train = torch.ones(self.n_users, self.n_items, dtype=torch.bool)
+        in_train[
+            torch.from_numpy(data.excluded_user).long(), torch.from_numpy(data.excluded_item).long()
+        ] = False
+        self.labels = labels.to(device)
+        self.in_train = in_train.to(device)
+        self.train_weight = in_train.float().to(device)
+        self.pos_users = torch.from_numpy(pos_users).long().to(device)
+        self.pos_items = torch.from_numpy(pos_items).long().to(device)
+        popularity = np.bincount(pos_items, minlength=self.n_items)
+        self.item_popularity = torch.from_numpy(popularity).to(device)
+        self.val_users = torch.from_numpy(data.val_user).long().to(device)
+        self.val_items = torch.from_numpy(data.val_item).long().to(device)
+        self.val_labels = torch.from_numpy(data.val_label).float().to(device)
+        self.true_exposure = (
+            None if data.true_exposure is None else torch.from_numpy(data.true_exposure).to(device)
+        )
+        self.test_task = RankingTask.from_pairs(
+            data.test_user, data.test_item, data.test_label, data.eval_users
+        )
+        assert data.hyper_user is not None and data.hyper_item is not None
+        assert data.hyper_label is not None
+        self.hyper_task = RankingTask.from_pairs(data.hyper_user, data.hyper_item, data.hyper_label)
+        self._pair_index: Tensor | None = None
+
+    @property
+    def pair_index(self) -> Tensor:
+        """Flat indices u * M + i of all training pairs, (P,) int64 (built on first use)."""
+        if self._pair_index is None:
+            self._pair_index = torch.nonzero(self.in_train.view(-1)).view(-1)
+        return self._pair_index
+
+    def n_train_pairs(self) -> int:
+        return int(self.pair_index.numel())
+
+
+class PairSampler:
+    """Paper mode: minibatches of `batch_size` pairs from a new permutation every epoch."""
+
+    def __init__(self, tensors: TrainingTensors, batch_size: int, generator: torch.Generator):
+        self.tensors, self.batch_size, self.generator = tensors, batch_size, generator
+        self.flat_labels = tensors.labels.view(-1)
+
+    def steps_per_epoch(self) -> int:
+        return -(-self.tensors.n_train_pairs() // self.batch_size)
+
+    def epoch(self) -> Iterator[Batch]:
+        index = self.tensors.pair_index
+        order = torch.randperm(index.numel(), generator=self.generator, device=index.device)
+        shuffled = index[order]
+        n_items = self.tensors.n_items
+        for chunk in shuffled.split(self.batch_size):
+            yield Batch(chunk // n_items, chunk % n_items, self.flat_labels[chunk])
+
+
+class BlockSampler:
+    """Dense mode: blocks of `block_users` users against all items."""
+
+    def __init__(self, tensors: TrainingTensors, block_users: int, generator: torch.Generator):
+        self.tensors, self.block_users, self.generator = tensors, block_users, generator
+
+    def steps_per_epoch(self) -> int:
+        return -(-self.tensors.n_users // self.block_users)
+
+    def epoch(self) -> Iterator[Batch]:
+        t = self.tensors
+        order = torch.randperm(t.n_users, generator=self.generator, device=t.device)
+        for users in order.split(self.block_users):
+            yield Batch(users, None, t.labels[users], t.train_weight[users])
+
+
+class TripleSampler:
+    """BPR: every training positive once per epoch, each with one unlabeled item."""
+
+    max_rounds = 100
+
+    def __init__(self, tensors: TrainingTensors, batch_size: int, generator: torch.Generator):
+        self.tensors, self.batch_size, self.generator = tensors, batch_size, generator
+
+    def steps_per_epoch(self) -> int:
+        return -(-self.tensors.pos_users.numel() // self.batch_size)
+
+    def epoch(self) -> Iterator[Batch]:
+        t = self.tensors
+        order = torch.randperm(t.pos_users.numel(), generator=self.generator, device=t.device)
+        for chunk in order.split(self.batch_size):
+            users, items = t.pos_users[chunk], t.pos_items[chunk]
+            yield Batch(users, items, t.labels[users, items], negatives=self.negatives(users))
+
+    def negatives(self, users: Tensor) -> Tensor:
+        """Uniform items with R~ = 0 still in training, by rejection (a few rounds at most:
+        positives are a few percent of any row)."""
+        t = self.tensors
+        draw = torch.randint(t.n_items, users.shape, generator=self.generator, device=users.device)
+        for _ in range(self.max_rounds):
+            bad = (t.labels[users, draw] > 0) | ~t.in_train[users, draw]
+            if not bool(bad.any()):
+                return draw
+            redraw = torch.randint(
+                t.n_items, users.shape, generator=self.generator, device=users.device
+            )
+            draw = torch.where(bad, redraw, draw)
+        raise UboError("could not sample unlabeled items for BPR (rows almost all positive)")

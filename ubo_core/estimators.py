@@ -1,0 +1,60 @@
+"""The loss estimators of the paper and their closed-form properties (torch).
+
+Shapes are elementwise: every function takes broadcastable tensors of relevance logits s
+(p = sigmoid(s)), exposure m in (0, 1] and labels y = R~ in {0, 1}, and returns the per-pair
+loss; callers reduce. Logits rather than p keep log p and log(1 - p) exact for large |s|.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+# log(1 - m p) needs 1 - m p > 0; m p < 1 holds mathematically for p < 1, but float32
+# rounds sigmoid(s) to 1 for s > 17: keep a tiny floor.
+_MIN_ONE_MINUS = 1e-7
+
+
+def ips_loss(logit: Tensor, exposure: Tensor, label: Tensor) -> Tensor:
+    """L1, the IPS / RelMF estimator (Eq. 4), per pair:
+    -[(y/m) log p + (1 - y/m) log(1 - p)]."""
+    weight = label / exposure
+    return -(weight * F.logsigmoid(logit) + (1.0 - weight) * F.logsigmoid(-logit))
+
+
+def low_variance_loss(logit: Tensor, exposure: Tensor, label: Tensor) -> Tensor:
+    """L2, the paper's low-variance estimator (Eq. 10), per pair:
+    -[y log(m p) + (1 - y) log(1 - m p)]."""
+    log_mp = torch.log(exposure) + F.logsigmoid(logit)
+    one_minus_mp = (1.0 - exposure * torch.sigmoid(logit)).clamp_min(_MIN_ONE_MINUS)
+    return -(label * log_mp + (1.0 - label) * torch.log(one_minus_mp))
+
+
+def log_loss(logit: Tensor, label: Tensor) -> Tensor:
+    """Plain binary log loss, L2 with m = 1: the validation loss on the unbiased set."""
+    return F.binary_cross_entropy_with_logits(logit, label, reduction="none")
+
+
+def bpr_loss(positive_logit: Tensor, negative_logit: Tensor) -> Tensor:
+    """Bayesian personalised ranking (Rendle et al.): -log sigmoid(s_ui - s_uj)."""
+    return -F.logsigmoid(positive_logit - negative_logit)
+
+
+def item_popularity_exposure(n_positives: Tensor, power: float = 0.5) -> Tensor:
+    """theta_i = (n_i / max_j n_j) ** power (Eq. 12, power 0.5)."""
+    if n_positives.max() <= 0:
+        raise ValueError("item popularity needs at least one training positive")
+    return (n_positives.double() / n_positives.max()) ** power
+
+
+def ips_gradient_variance(gamma: Tensor, exposure: Tensor, p: Tensor) -> Tensor:
+    """Var over R~ ~ Bern(m gamma) of dL1/dp with m_bar = m (Eq. 6):
+    gamma (1 - m gamma) / (m p^2 (1 - p)^2); unbounded as m -> 0."""
+    return gamma * (1 - exposure * gamma) / (exposure * p**2 * (1 - p) ** 2)
+
+
+def low_variance_gradient_variance(gamma: Tensor, exposure: Tensor, p: Tensor) -> Tensor:
+    """Var over R~ ~ Bern(m gamma) of dL2/dp (Eq. 11):
+    m gamma (1 - m gamma) / (p^2 (1 - m p)^2); bounded as m -> 0."""
+    return exposure * gamma * (1 - exposure * gamma) / (p**2 * (1 - exposure * p) ** 2)

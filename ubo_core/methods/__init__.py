@@ -1,0 +1,89 @@
+"""The method registry: name -> class. Name = module name = the value used in params.yaml."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+from ubo_core.config import DATASETS, ConfigError, Params, TrainConfig, build
+from ubo_core.methods.alteropt import AlterOpt
+from ubo_core.methods.base import Method
+from ubo_core.methods.biopt2 import BiOpt2
+from ubo_core.methods.bpr import BPR
+from ubo_core.methods.jointopt import JointOpt
+from ubo_core.methods.relmf import RelMF
+from ubo_core.methods.ubo import UBO
+from ubo_core.methods.umf import UMF
+
+METHODS: dict[str, type[Method]] = {
+    "ubo": UBO,
+    "umf": UMF,
+    "relmf": RelMF,
+    "bpr": BPR,
+    "jointopt": JointOpt,
+    "alteropt": AlterOpt,
+    "biopt2": BiOpt2,
+}
+
+
+def get_method(name: str) -> type[Method]:
+    if name not in METHODS:
+        raise ConfigError("method", f"unknown method {name!r}; expected one of {list(METHODS)}")
+    return METHODS[name]
+
+
+def resolve_config(
+    params: Params, dataset: str, method: str, overrides: Mapping[str, Any] | None = None
+) -> tuple[TrainConfig, Any]:
+    """The training config and the method's own hyperparameters for (dataset, method).
+
+    Later layers win: `train`, then `methods.<method>`, then `datasets.<dataset>.<method>`,
+    then `overrides` (the command line's --set). Each layer may set `train` keys and the
+    method's own knobs; any other key is a ConfigError naming where it came from.
+    """
+    cls = get_method(method)
+    if dataset not in DATASETS:
+        raise ConfigError(
+            "dataset", f"unknown data set {dataset!r}; expected one of {list(DATASETS)}"
+        )
+    train_keys = {f.name for f in dataclasses.fields(TrainConfig)}
+    hyper_keys = {f.name for f in dataclasses.fields(cls.Hyper)}
+    train_values: dict[str, Any] = dataclasses.asdict(params.train)
+    hyper_values: dict[str, Any] = {}
+    layers = [
+        (f"methods.{method}", params.methods.get(method, {})),
+        (f"datasets.{dataset}.{method}", params.datasets.get(dataset, {}).get(method, {})),
+        ("--set", overrides or {}),
+    ]
+    for where, layer in layers:
+        if not isinstance(layer, Mapping):
+            raise ConfigError(where, "expected a mapping")
+        for key, value in layer.items():
+            if key in train_keys:
+                train_values[key] = value
+            elif key in hyper_keys:
+                hyper_values[key] = value
+            else:
+                known = sorted(train_keys | hyper_keys)
+                raise ConfigError(
+                    f"{where}.{key}", f"unknown key for method {method!r}; expected one of {known}"
+                )
+    return build(TrainConfig, train_values, "train."), build(
+        cls.Hyper, hyper_values, f"methods.{method}."
+    )
+
+
+def check_method_params(params: Params) -> None:
+    """Resolve every (data set, method) the file mentions, so a bad key fails at load time."""
+    for method in params.methods:
+        get_method(method)
+    for dataset, per_method in params.datasets.items():
+        if dataset not in DATASETS:
+            raise ConfigError(
+                f"datasets.{dataset}", f"unknown data set; expected one of {list(DATASETS)}"
+            )
+        for method in per_method:
+            resolve_config(params, dataset, method)
+    for method in params.methods:
+        resolve_config(params, DATASETS[0], method)

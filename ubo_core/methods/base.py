@@ -1,0 +1,133 @@
+"""The one interface every method implements, and the parts they share.
+
+A method owns its parameters and optimisers and implements one update (`step`) on a batch
+the trainer's sampler draws; the trainer owns the loop, seeding, device, evaluation and
+progress. `scores` gives relevance logits (ranking uses their order), `exposure` the method's
+exposure estimate m_bar where it has one (for PCC on semi-synthetic data).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from ubo_core.config import TrainConfig
+from ubo_core.engine import Batch, TrainingTensors
+from ubo_core.estimators import item_popularity_exposure
+
+
+@dataclass(frozen=True)
+class NoHyper:
+    """For methods without knobs of their own."""
+
+
+class Method(ABC):
+    """Base class of the nine methods.
+
+    sampling: which sampler feeds `step` — "pointwise" (pairs in paper mode, user blocks in
+    dense mode), "triples" (BPR) or "full" (one step per epoch on everything: EM methods).
+    """
+
+    name: ClassVar[str]
+    Hyper: ClassVar[type] = NoHyper
+    sampling: ClassVar[str] = "pointwise"
+
+    def __init__(
+        self, tensors: TrainingTensors, train: TrainConfig, hyper: Any, generator: torch.Generator
+    ) -> None:
+        self.tensors, self.train, self.hyper, self.generator = tensors, train, hyper, generator
+        self.device = tensors.device
+
+    @abstractmethod
+    def step(self, batch: Batch) -> dict[str, Tensor]:
+        """One update; returns named losses as 0-d tensors (no host sync)."""
+
+    @abstractmethod
+    def scores(self, users: Tensor) -> Tensor:
+        """Relevance logits of `users` (B,) against all items, (B, M)."""
+
+    def exposure(self, users: Tensor) -> Tensor | None:
+        """Exposure estimate m_bar of `users` against all items, (B, M), or None."""
+        return None
+
+    @abstractmethod
+    def state(self) -> dict[str, Tensor]:
+        """The trained parameters, enough to rebuild `scores` and `exposure`."""
+
+    def load_state(self, state: dict[str, Tensor]) -> None:
+        for name, value in state.items():
+            getattr(self, name).data.copy_(value.to(self.device))
+
+
+def embedding(
+    rows: int, dim: int, std: float, generator: torch.Generator, device: torch.device
+) -> nn.Parameter:
+    """N(0, std^2) initialised embedding table, drawn from the method's seeded generator."""
+    values = torch.randn(rows, dim, generator=generator, device=device) * std
+    return nn.Parameter(values)
+
+
+def pair_dot(left: Tensor, right: Tensor, users: Tensor, items: Tensor | None) -> Tensor:
+    """w_u . w_i for pairs (items (B,) -> (B,)) or against all items (items None -> (B, M))."""
+    if items is None:
+        return left[users] @ right.T
+    return (left[users] * right[items]).sum(-1)
+
+
+def gather_items(values: Tensor, items: Tensor | None) -> Tensor:
+    """Per-item values for the batch: (M,) broadcast over a block, or (B,) for pairs."""
+    return values if items is None else values[items]
+
+
+def popularity_exposure(tensors: TrainingTensors) -> Tensor:
+    """theta_i (Eq. 12) as float32 on the device."""
+    return item_popularity_exposure(tensors.item_popularity).float()
+
+
+class RelevanceMF:
+    """p_ui = sigmoid(w_u . w_i): the relevance model of every MF method (no biases)."""
+
+    def __init__(self, tensors: TrainingTensors, train: TrainConfig, generator: torch.Generator):
+        self.user_emb = embedding(
+            tensors.n_users, train.dim, train.init_std, generator, tensors.device
+        )
+        self.item_emb = embedding(
+            tensors.n_items, train.dim, train.init_std, generator, tensors.device
+        )
+
+    def parameters(self) -> list[nn.Parameter]:
+        return [self.user_emb, self.item_emb]
+
+    def logits(self, users: Tensor, items: Tensor | None) -> Tensor:
+        return pair_dot(self.user_emb, self.item_emb, users, items)
+
+
+class ExposureNet:
+    """m_a(u, i) = r(w_i) sigmoid(e_u . w_i) + (1 - r(w_i)) theta_i, r = sigmoid(Linear(w_i))
+    (Eq. 13). a = {e_u, Linear}; w_i is the relevance item embedding, passed in so that the
+    bi-level step can evaluate m_a at updated item embeddings."""
+
+    def __init__(self, tensors: TrainingTensors, train: TrainConfig, generator: torch.Generator):
+        device = tensors.device
+        self.user_emb = embedding(tensors.n_users, train.dim, train.init_std, generator, device)
+        self.gate_weight = embedding(train.dim, 1, train.init_std, generator, device)
+        self.gate_bias = nn.Parameter(torch.zeros(1, device=device))
+        self.theta = popularity_exposure(tensors)
+
+    def parameters(self) -> list[nn.Parameter]:
+        return [self.user_emb, self.gate_weight, self.gate_bias]
+
+    def __call__(self, item_emb: Tensor, users: Tensor, items: Tensor | None) -> Tensor:
+        item_rows = item_emb if items is None else item_emb[items]
+        gate = torch.sigmoid(item_rows @ self.gate_weight + self.gate_bias).squeeze(-1)
+        personal = torch.sigmoid(pair_dot(self.user_emb, item_emb, users, items))
+        return gate * personal + (1.0 - gate) * gather_items(self.theta, items)
+
+
+def adam(params: list[nn.Parameter], lr: float, weight_decay: float) -> torch.optim.Adam:
+    # foreach: one fused kernel per parameter group instead of per tensor (fewer launches).
+    return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay, foreach=True)

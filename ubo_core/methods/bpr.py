@@ -1,0 +1,43 @@
+"""BPR (Rendle et al. 2009): pairwise ranking of each training positive above one uniformly
+sampled unlabeled item of the same user."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ubo_core.config import TrainConfig
+from ubo_core.engine import Batch, TrainingTensors
+from ubo_core.estimators import bpr_loss
+from ubo_core.methods.base import Method, RelevanceMF, adam, pair_dot
+
+
+class BPR(Method):
+    name = "bpr"
+    sampling = "triples"
+
+    def __init__(
+        self, tensors: TrainingTensors, train: TrainConfig, hyper: Any, generator: torch.Generator
+    ) -> None:
+        super().__init__(tensors, train, hyper, generator)
+        self.relevance = RelevanceMF(tensors, train, generator)
+        self.user_emb, self.item_emb = self.relevance.user_emb, self.relevance.item_emb
+        self.optimizer = adam(self.relevance.parameters(), train.step_lr, train.weight_decay)
+
+    def step(self, batch: Batch) -> dict[str, Tensor]:
+        assert batch.items is not None and batch.negatives is not None
+        positive = pair_dot(self.user_emb, self.item_emb, batch.users, batch.items)
+        negative = pair_dot(self.user_emb, self.item_emb, batch.users, batch.negatives)
+        loss = bpr_loss(positive, negative).mean()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        return {"train_loss": loss.detach()}
+
+    def scores(self, users: Tensor) -> Tensor:
+        return self.relevance.logits(users, None)
+
+    def state(self) -> dict[str, Tensor]:
+        return {"user_emb": self.user_emb.detach(), "item_emb": self.item_emb.detach()}
