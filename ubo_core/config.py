@@ -97,6 +97,7 @@ class SemisyntheticConfig:
 
 
 TRAIN_MODES: tuple[str, ...] = ("paper", "dense")
+OPTIMIZERS: tuple[str, ...] = ("adam", "lazy_adam")
 
 
 @dataclass(frozen=True)
@@ -106,9 +107,12 @@ class TrainConfig:
     `mode` picks the training engine: "paper" steps on minibatches of `batch_size` pairs drawn
     from all N x M pairs; "dense" steps on blocks of `block_users` users against all items
     (a few GEMMs), with its own learning rate `dense_lr` since its batches are much larger.
+    `optimizer` "adam" is torch.optim.Adam exactly; "lazy_adam" updates only the embedding
+    rows a step touches (torch.optim.SparseAdam semantics): O(batch) instead of O(table).
     """
 
     mode: str = "paper"
+    optimizer: str = "adam"
     device: str = "auto"
     epochs: int = 100
     dim: int = 50
@@ -118,13 +122,18 @@ class TrainConfig:
     dense_lr: float = 1e-2
     weight_decay: float = 0.0
     init_std: float = 0.1
-    val_batch_size: int = 4096
+    val_batch_size: int = 1024
     eval_every: int = 1
 
     def __post_init__(self) -> None:
         if self.mode not in TRAIN_MODES:
             raise ConfigError(
                 "mode", f"unknown mode {self.mode!r}; expected one of {list(TRAIN_MODES)}"
+            )
+        if self.optimizer not in OPTIMIZERS:
+            raise ConfigError(
+                "optimizer",
+                f"unknown optimizer {self.optimizer!r}; expected one of {list(OPTIMIZERS)}",
             )
         if self.device != "auto" and not (
             self.device == "cpu" or self.device == "cuda" or self.device.startswith("cuda:")

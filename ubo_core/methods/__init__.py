@@ -11,6 +11,8 @@ from ubo_core.methods.alteropt import AlterOpt
 from ubo_core.methods.base import Method
 from ubo_core.methods.biopt2 import BiOpt2
 from ubo_core.methods.bpr import BPR
+from ubo_core.methods.cjmf import CJMF
+from ubo_core.methods.expomf import ExpoMF
 from ubo_core.methods.jointopt import JointOpt
 from ubo_core.methods.relmf import RelMF
 from ubo_core.methods.ubo import UBO
@@ -20,6 +22,8 @@ METHODS: dict[str, type[Method]] = {
     "ubo": UBO,
     "umf": UMF,
     "relmf": RelMF,
+    "expomf": ExpoMF,
+    "cjmf": CJMF,
     "bpr": BPR,
     "jointopt": JointOpt,
     "alteropt": AlterOpt,

@@ -123,9 +123,37 @@ class ExposureNet:
 
     def __call__(self, item_emb: Tensor, users: Tensor, items: Tensor | None) -> Tensor:
         item_rows = item_emb if items is None else item_emb[items]
-        gate = torch.sigmoid(item_rows @ self.gate_weight + self.gate_bias).squeeze(-1)
-        personal = torch.sigmoid(pair_dot(self.user_emb, item_emb, users, items))
-        return gate * personal + (1.0 - gate) * gather_items(self.theta, items)
+        return exposure_from_rows(
+            self.user_emb[users],
+            item_rows,
+            self.gate_weight,
+            self.gate_bias,
+            gather_items(self.theta, items),
+            pairs=items is not None,
+        )
+
+
+def exposure_from_rows(
+    exposure_user_rows: Tensor,
+    item_rows: Tensor,
+    gate_weight: Tensor,
+    gate_bias: Tensor,
+    theta: Tensor,
+    pairs: bool,
+) -> Tensor:
+    """Eq. 13 on gathered rows: e_u (B, d), w_i (B, d) for pairs or (M, d) against all items,
+    theta (B,) or (M,). Returns m_a, (B,) or (B, M)."""
+    gate = torch.sigmoid(item_rows @ gate_weight + gate_bias).squeeze(-1)
+    if pairs:
+        personal = torch.sigmoid((exposure_user_rows * item_rows).sum(-1))
+    else:
+        personal = torch.sigmoid(exposure_user_rows @ item_rows.T)
+    return gate * personal + (1.0 - gate) * theta
+
+
+def row_logits(user_rows: Tensor, item_rows: Tensor, pairs: bool) -> Tensor:
+    """w_u . w_i on gathered rows: (B,) for pairs, (B, M) against all items."""
+    return (user_rows * item_rows).sum(-1) if pairs else user_rows @ item_rows.T
 
 
 def adam(params: list[nn.Parameter], lr: float, weight_decay: float) -> torch.optim.Adam:

@@ -6,15 +6,18 @@ from __future__ import annotations
 from torch import Tensor
 
 from ubo_core.engine import Batch
-from ubo_core.methods.exposure_mf import ExposureMF
+from ubo_core.methods.exposure_mf import ExposureMF, StepRows
 
 
 class BiOpt2(ExposureMF):
     name = "biopt2"
 
     def step(self, batch: Batch) -> dict[str, Tensor]:
-        outer_loss = self.bilevel_exposure_step(batch, self.batch_outer)
+        outer_loss = self.bilevel_exposure_step(batch, self.batch_outer, with_validation=False)
         return {"train_loss": self.relevance_step(batch), "outer_loss": outer_loss}
 
-    def batch_outer(self, user_next: Tensor, item_next: Tensor, batch: Batch) -> Tensor:
-        return self.train_loss(user_next, item_next, batch, "sum")
+    def batch_outer(
+        self, user_next: Tensor, item_next: Tensor, rows: StepRows, batch: Batch
+    ) -> Tensor:
+        # L2 at w' with m_bar = m_a (a's direct term and its effect through w' both count).
+        return self.rows_loss(user_next, item_next, rows, batch, "sum")

@@ -11,7 +11,8 @@ from torch import Tensor
 from ubo_core.config import TrainConfig
 from ubo_core.engine import Batch, TrainingTensors
 from ubo_core.estimators import bpr_loss
-from ubo_core.methods.base import Method, RelevanceMF, adam, pair_dot
+from ubo_core.methods.base import Method, RelevanceMF
+from ubo_core.methods.rows import RowAdam, RowSubset
 
 
 class BPR(Method):
@@ -24,16 +25,23 @@ class BPR(Method):
         super().__init__(tensors, train, hyper, generator)
         self.relevance = RelevanceMF(tensors, train, generator)
         self.user_emb, self.item_emb = self.relevance.user_emb, self.relevance.item_emb
-        self.optimizer = adam(self.relevance.parameters(), train.step_lr, train.weight_decay)
+        self.optimizer = RowAdam(
+            self.relevance.parameters(),
+            train.step_lr,
+            train.weight_decay,
+            lazy=train.optimizer == "lazy_adam",
+        )
 
     def step(self, batch: Batch) -> dict[str, Tensor]:
         assert batch.items is not None and batch.negatives is not None
-        positive = pair_dot(self.user_emb, self.item_emb, batch.users, batch.items)
-        negative = pair_dot(self.user_emb, self.item_emb, batch.users, batch.negatives)
+        users = RowSubset(self.user_emb, batch.users)
+        items = RowSubset(self.item_emb, batch.items, extra=batch.negatives)
+        user_rows = users.gather()
+        positive = (user_rows * items.gather()).sum(-1)
+        negative = (user_rows * items.gather(which="extra")).sum(-1)
         loss = bpr_loss(positive, negative).mean()
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
+        grad_users, grad_items = torch.autograd.grad(loss, [users.values, items.values])
+        self.optimizer.step([(users.rows, grad_users), (items.rows, grad_items)])
         return {"train_loss": loss.detach()}
 
     def scores(self, users: Tensor) -> Tensor:

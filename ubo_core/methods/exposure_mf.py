@@ -27,7 +27,16 @@ from ubo_core.config import TrainConfig
 from ubo_core.engine import Batch, TrainingTensors
 from ubo_core.errors import ConfigError
 from ubo_core.estimators import log_loss, low_variance_loss
-from ubo_core.methods.base import ExposureNet, Method, RelevanceMF, adam, pair_dot
+from ubo_core.methods.base import (
+    ExposureNet,
+    Method,
+    RelevanceMF,
+    exposure_from_rows,
+    gather_items,
+    pair_dot,
+    row_logits,
+)
+from ubo_core.methods.rows import RowAdam, RowSubset
 
 
 @dataclass(frozen=True)
@@ -46,7 +55,25 @@ class ExposureHyper:
             raise ConfigError("exposure_weight_decay", "must be >= 0")
 
 
-OuterLoss = Callable[[Tensor, Tensor, Batch], Tensor]
+@dataclass
+class StepRows:
+    """The leaves one step differentiates: relevance rows (users, items, with the validation
+    pairs' rows as `extra` for UBO), exposure user rows and the gate."""
+
+    users: RowSubset
+    items: RowSubset
+    exposure_users: RowSubset
+    gate_weight: Tensor
+    gate_bias: Tensor
+
+    def exposure_leaves(self) -> list[Tensor]:
+        return [self.exposure_users.values, self.gate_weight, self.gate_bias]
+
+    def exposure_rows(self) -> list[Tensor | None]:
+        return [self.exposure_users.rows, None, None]
+
+
+OuterLoss = Callable[[Tensor, Tensor, StepRows, Batch], Tensor]
 
 
 class ExposureMF(Method):
@@ -71,15 +98,50 @@ class ExposureMF(Method):
         paper = train.mode == "paper"
         self.inner_lr = hyper.inner_lr if paper else hyper.dense_inner_lr
         exposure_lr = hyper.exposure_lr if paper else hyper.dense_exposure_lr
-        self.relevance_optimizer = adam(
-            self.relevance.parameters(), train.step_lr, train.weight_decay
+        lazy = train.optimizer == "lazy_adam"
+        self.relevance_optimizer = RowAdam(
+            self.relevance.parameters(), train.step_lr, train.weight_decay, lazy
         )
-        self.exposure_optimizer = adam(
-            self.exposure_net.parameters(), exposure_lr, hyper.exposure_weight_decay
+        self.exposure_optimizer = RowAdam(
+            self.exposure_net.parameters(), exposure_lr, hyper.exposure_weight_decay, lazy
         )
 
-    # -- the training loss L2 with m_a, for given relevance embeddings -------------------
+    # -- the training loss L2 with m_a ------------------------------------------------------
+    def rows(self, batch: Batch, with_validation: bool = False) -> StepRows:
+        val_users = val_items = None
+        if with_validation:
+            val_users, val_items, _ = self.validation_batch()
+        return StepRows(
+            RowSubset(self.user_emb, batch.users, val_users),
+            RowSubset(self.item_emb, batch.items, val_items),
+            RowSubset(self.exposure_user_emb, batch.users),
+            self.gate_weight.detach().clone().requires_grad_(),
+            self.gate_bias.detach().clone().requires_grad_(),
+        )
+
+    def rows_loss(
+        self, user_values: Tensor, item_values: Tensor, rows: StepRows, batch: Batch, reduce: str
+    ) -> Tensor:
+        """L2 with m_a on the batch, at relevance row values `user_values`/`item_values`
+        (the leaves, or w' in the bi-level step)."""
+        pairs = batch.items is not None
+        user_rows = rows.users.gather(user_values)
+        item_rows = rows.items.gather(item_values)
+        exposure = exposure_from_rows(
+            rows.exposure_users.gather(),
+            item_rows,
+            rows.gate_weight,
+            rows.gate_bias,
+            gather_items(self.exposure_net.theta, batch.items),
+            pairs,
+        )
+        per_pair = low_variance_loss(
+            row_logits(user_rows, item_rows, pairs), exposure, batch.labels
+        )
+        return batch.reduce_mean(per_pair) if reduce == "mean" else batch.reduce_sum(per_pair)
+
     def train_loss(self, user_emb: Tensor, item_emb: Tensor, batch: Batch, reduce: str) -> Tensor:
+        """Reference form on whole tables (tests compare the row-restricted steps with it)."""
         logits = pair_dot(user_emb, item_emb, batch.users, batch.items)
         exposure = self.exposure_net(item_emb, batch.users, batch.items)
         per_pair = low_variance_loss(logits, exposure, batch.labels)
@@ -88,65 +150,75 @@ class ExposureMF(Method):
     # -- update rules the four methods compose -------------------------------------------
     def relevance_step(self, batch: Batch) -> Tensor:
         """Adam step of w on L_train(w, a) with a held fixed."""
-        loss = self.train_loss(self.user_emb, self.item_emb, batch, "mean")
-        self.relevance_optimizer.zero_grad(set_to_none=True)
-        grads = torch.autograd.grad(loss, self.relevance.parameters())
-        for param, grad in zip(self.relevance.parameters(), grads, strict=True):
-            param.grad = grad
-        self.relevance_optimizer.step()
+        rows = self.rows(batch)
+        loss = self.rows_loss(rows.users.values, rows.items.values, rows, batch, "mean")
+        grads = torch.autograd.grad(loss, [rows.users.values, rows.items.values])
+        self.relevance_optimizer.step([(rows.users.rows, grads[0]), (rows.items.rows, grads[1])])
         return loss.detach()
 
     def exposure_step_on_train(self, batch: Batch) -> Tensor:
         """Adam step of a on L_train(w, a) with w held fixed (AlterOpt)."""
-        loss = self.train_loss(self.user_emb.detach(), self.item_emb.detach(), batch, "mean")
-        self._apply_exposure_gradient(torch.autograd.grad(loss, self.exposure_net.parameters()))
+        rows = self.rows(batch)
+        loss = self.rows_loss(
+            rows.users.values.detach(), rows.items.values.detach(), rows, batch, "mean"
+        )
+        self._exposure_update(rows, torch.autograd.grad(loss, rows.exposure_leaves()))
         return loss.detach()
 
     def joint_step(self, batch: Batch) -> Tensor:
         """One Adam step of w and a together on L_train(w, a) (JointOpt)."""
-        loss = self.train_loss(self.user_emb, self.item_emb, batch, "mean")
-        params = self.relevance.parameters() + self.exposure_net.parameters()
-        grads = torch.autograd.grad(loss, params)
-        for param, grad in zip(params, grads, strict=True):
-            param.grad = grad
-        self.relevance_optimizer.step()
-        self.exposure_optimizer.step()
+        rows = self.rows(batch)
+        loss = self.rows_loss(rows.users.values, rows.items.values, rows, batch, "mean")
+        leaves = [rows.users.values, rows.items.values, *rows.exposure_leaves()]
+        grads = torch.autograd.grad(loss, leaves)
+        self.relevance_optimizer.step([(rows.users.rows, grads[0]), (rows.items.rows, grads[1])])
+        self._exposure_update(rows, grads[2:])
         return loss.detach()
 
-    def bilevel_exposure_step(self, batch: Batch, outer: OuterLoss) -> Tensor:
+    def bilevel_exposure_step(
+        self, batch: Batch, outer: OuterLoss, with_validation: bool
+    ) -> Tensor:
         """Adam step of a on the hypergradient d outer(w'(a)) / da, w' = w - eta dL/dw."""
-        inner = self.train_loss(self.user_emb, self.item_emb, batch, "sum")
-        grad_user, grad_item = torch.autograd.grad(
-            inner, self.relevance.parameters(), create_graph=True
+        rows = self.rows(batch, with_validation)
+        inner = self.rows_loss(rows.users.values, rows.items.values, rows, batch, "sum")
+        grad_users, grad_items = torch.autograd.grad(
+            inner, [rows.users.values, rows.items.values], create_graph=True
         )
-        user_next = self.user_emb - self.inner_lr * grad_user
-        item_next = self.item_emb - self.inner_lr * grad_item
-        outer_loss = outer(user_next, item_next, batch)
-        hypergrad = torch.autograd.grad(
-            outer_loss, self.exposure_net.parameters(), allow_unused=True
-        )
-        self._apply_exposure_gradient(hypergrad)
+        user_next = rows.users.values - self.inner_lr * grad_users
+        item_next = rows.items.values - self.inner_lr * grad_items
+        outer_loss = outer(user_next, item_next, rows, batch)
+        hypergrad = torch.autograd.grad(outer_loss, rows.exposure_leaves(), allow_unused=True)
+        self._exposure_update(rows, hypergrad)
         return outer_loss.detach()
 
-    def validation_outer(self, user_next: Tensor, item_next: Tensor, batch: Batch) -> Tensor:
-        """UBO's outer loss: log loss of p' on (a batch of) the unbiased validation set, m = 1."""
-        users, items, labels = self.validation_batch()
-        return log_loss(pair_dot(user_next, item_next, users, items), labels).sum()
+    def validation_outer(
+        self, user_next: Tensor, item_next: Tensor, rows: StepRows, batch: Batch
+    ) -> Tensor:
+        """UBO's outer loss: log loss of p' on (a batch of) the unbiased validation set, m = 1.
+        `rows` was built with the validation pairs as `extra` (same draw)."""
+        user_rows = rows.users.gather(user_next, "extra")
+        item_rows = rows.items.gather(item_next, "extra")
+        return log_loss((user_rows * item_rows).sum(-1), self._val_labels).sum()
 
     def validation_batch(self) -> tuple[Tensor, Tensor, Tensor]:
         t = self.tensors
         size = self.train.val_batch_size
         if t.val_users.numel() <= size:
+            self._val_labels = t.val_labels
             return t.val_users, t.val_items, t.val_labels
         pick = torch.randint(
             t.val_users.numel(), (size,), generator=self.generator, device=self.device
         )
-        return t.val_users[pick], t.val_items[pick], t.val_labels[pick]
+        self._val_labels = t.val_labels[pick]
+        return t.val_users[pick], t.val_items[pick], self._val_labels
 
-    def _apply_exposure_gradient(self, grads: tuple[Tensor | None, ...]) -> None:
-        for param, grad in zip(self.exposure_net.parameters(), grads, strict=True):
-            param.grad = torch.zeros_like(param) if grad is None else grad
-        self.exposure_optimizer.step()
+    def _exposure_update(self, rows: StepRows, grads: tuple[Tensor | None, ...] | list) -> None:
+        leaves = rows.exposure_leaves()
+        filled = [
+            torch.zeros_like(leaf) if g is None else g
+            for leaf, g in zip(leaves, grads, strict=True)
+        ]
+        self.exposure_optimizer.step(list(zip(rows.exposure_rows(), filled, strict=True)))
 
     # -- the interface ---------------------------------------------------------------------
     def scores(self, users: Tensor) -> Tensor:

@@ -10,7 +10,8 @@ from torch import Tensor
 
 from ubo_core.config import TrainConfig
 from ubo_core.engine import Batch, TrainingTensors
-from ubo_core.methods.base import Method, RelevanceMF, adam, gather_items
+from ubo_core.methods.base import Method, RelevanceMF, gather_items, row_logits
+from ubo_core.methods.rows import RowAdam, RowSubset
 
 Loss = Callable[[Tensor, Tensor, Tensor], Tensor]
 
@@ -27,19 +28,26 @@ class FixedExposureMF(Method):
         self.relevance = RelevanceMF(tensors, train, generator)
         self.user_emb, self.item_emb = self.relevance.user_emb, self.relevance.item_emb
         self.item_exposure = self.fixed_exposure()
-        self.optimizer = adam(self.relevance.parameters(), train.step_lr, train.weight_decay)
+        self.optimizer = RowAdam(
+            self.relevance.parameters(),
+            train.step_lr,
+            train.weight_decay,
+            lazy=train.optimizer == "lazy_adam",
+        )
 
     def fixed_exposure(self) -> Tensor:
         """Per-item exposure m_bar_i, (M,)."""
         raise NotImplementedError
 
     def step(self, batch: Batch) -> dict[str, Tensor]:
-        logits = self.relevance.logits(batch.users, batch.items)
+        users = RowSubset(self.user_emb, batch.users)
+        items = RowSubset(self.item_emb, batch.items)
+        pairs = batch.items is not None
+        logits = row_logits(users.gather(), items.gather(), pairs)
         exposure = gather_items(self.item_exposure, batch.items)
         loss = batch.reduce_mean(type(self).loss(logits, exposure, batch.labels))
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
+        grad_users, grad_items = torch.autograd.grad(loss, [users.values, items.values])
+        self.optimizer.step([(users.rows, grad_users), (items.rows, grad_items)])
         return {"train_loss": loss.detach()}
 
     def scores(self, users: Tensor) -> Tensor:
