@@ -30,16 +30,15 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from ubo_core.config import Params
+from ubo_core.data import FeedbackData
+from ubo_core.datasets.validation import build_validation_sets
+from ubo_core.engine import TrainingTensors, resolve_device
+from ubo_core.estimators import item_popularity_exposure, low_variance_loss
+from ubo_core.methods import METHODS, resolve_config
+from ubo_core.trainer import make_sampler
 
-from ubo_core.config import Params, TrainConfig  # noqa: E402
-from ubo_core.data import FeedbackData  # noqa: E402
-from ubo_core.datasets.validation import build_validation_sets  # noqa: E402
-from ubo_core.engine import TrainingTensors, resolve_device  # noqa: E402
-from ubo_core.estimators import item_popularity_exposure, low_variance_loss  # noqa: E402
-from ubo_core.methods import METHODS, resolve_config  # noqa: E402
-from ubo_core.trainer import make_sampler  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 YAHOO_SHAPE = (15_400, 1_000)
 
@@ -194,9 +193,10 @@ def main() -> None:
         )
     naive = rows[0]["pairs_per_second"]
     n_pairs = YAHOO_SHAPE[0] * YAHOO_SHAPE[1]
+    machine = platform.processor() or platform.machine()
     print(
-        f"\nmachine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
-        f"torch {torch.__version__}, device {args.device}; data: {rows[0]['data']}"
+        f"\nmachine: {machine}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
+        f"device {args.device}; data: {rows[0]['data']}"
     )
     print("| method | mode | pairs/s | x naive | 100 epochs on Yahoo | peak memory |")
     print("|---|---|---:|---:|---:|---:|")
