@@ -24,6 +24,27 @@ def test_repository_params_load_and_match_documented_defaults():
     assert params.semisynthetic.relevance_eps == 5.0
     assert params.semisynthetic.amazon_cds == SubsetConfig(n_items=1000, min_user_interactions=10)
     assert params.data.processed_dir == Path("data/processed")
+    # The paper's training setting (Sec. 3.1): Adam, lr 1e-3, dim 50, batch 1024, 100 epochs.
+    assert (params.train.lr, params.train.dim, params.train.batch_size) == (1e-3, 50, 1024)
+    assert (params.train.epochs, params.train.optimizer, params.train.mode) == (100, "adam", "paper")
+
+
+@pytest.mark.parametrize(
+    ("text", "key", "problem"),
+    [
+        ("train:\n  mode: fast\n", "train.mode", "unknown mode 'fast'"),
+        ("train:\n  optimizer: sgd\n", "train.optimizer", "unknown optimizer 'sgd'"),
+        ("train:\n  device: tpu\n", "train.device", "expected auto, cpu, cuda"),
+        ("train:\n  lr: 0\n", "train.lr", "out of range"),
+        ("train:\n  epochs: 0\n", "train.epochs", "out of range"),
+    ],
+)
+def test_bad_train_section(tmp_path, text, key, problem):
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as caught:
+        load_params(path)
+    assert str(caught.value).startswith(f"{path}: {key}: ")
+    assert problem in str(caught.value)
 
 
 def test_empty_file_gives_defaults(tmp_path):

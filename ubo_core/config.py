@@ -124,6 +124,9 @@ class TrainConfig:
     init_std: float = 0.1
     val_batch_size: int = 1024
     eval_every: int = 1
+    # CPU threads for torch (0: torch's default, all cores). Results are bitwise identical for
+    # the same seed and the same thread count; several runs sharing a machine want 1 each.
+    threads: int = 0
 
     def __post_init__(self) -> None:
         if self.mode not in TRAIN_MODES:
@@ -144,6 +147,7 @@ class TrainConfig:
         for key in ("lr", "dense_lr", "init_std"):
             _check_range(key, getattr(self, key), 0.0, 100.0, True)
         _check_range("weight_decay", self.weight_decay, 0.0, 100.0)
+        _check_range("threads", self.threads, 0, 1024)
 
     @property
     def step_lr(self) -> float:

@@ -8,8 +8,11 @@ seeded generator, so a step never transfers data from the host:
   minibatches of `batch_size` pairs (the paper's setting, 1024).
 - `BlockSampler` (dense mode): a permutation of the users cut into blocks of `block_users`;
   a step sees each block's users against all items, so its scores are one GEMM.
-- `TripleSampler` (BPR): each training positive once per epoch with one item drawn uniformly
-  from that user's unlabeled items (R~ = 0, not held out).
+- `TripleSampler` (BPR): training positives, each with one item drawn uniformly from that
+  user's unlabeled items (R~ = 0, not held out). An epoch has as many triples as the pointwise
+  methods see pairs (positives cycled in fresh random orders), so every method takes the same
+  number of optimiser steps per epoch; one pass over the positives would give BPR ~2 steps
+  per epoch on Coat against ~85 for the others.
 """
 
 from __future__ import annotations
@@ -150,7 +153,7 @@ class BlockSampler:
 
 
 class TripleSampler:
-    """BPR: every training positive once per epoch, each with one unlabeled item."""
+    """BPR: (user, positive, unlabeled) triples, as many per epoch as training pairs."""
 
     max_rounds = 100
 
@@ -158,11 +161,18 @@ class TripleSampler:
         self.tensors, self.batch_size, self.generator = tensors, batch_size, generator
 
     def steps_per_epoch(self) -> int:
-        return -(-self.tensors.pos_users.numel() // self.batch_size)
+        return -(-self.tensors.n_train_pairs() // self.batch_size)
 
     def epoch(self) -> Iterator[Batch]:
         t = self.tensors
-        order = torch.randperm(t.pos_users.numel(), generator=self.generator, device=t.device)
+        n_positives, n_triples = t.pos_users.numel(), t.n_train_pairs()
+        rounds = -(-n_triples // n_positives)
+        order = torch.cat(
+            [
+                torch.randperm(n_positives, generator=self.generator, device=t.device)
+                for _ in range(rounds)
+            ]
+        )[:n_triples]
         for chunk in order.split(self.batch_size):
             users, items = t.pos_users[chunk], t.pos_items[chunk]
             yield Batch(users, items, t.labels[users, items], negatives=self.negatives(users))

@@ -71,6 +71,8 @@ def fit(
     """Train `method_name` on `data` and return it with its test metrics."""
     cls = get_method(method_name)
     device = resolve_device(train.device)
+    if train.threads:
+        torch.set_num_threads(train.threads)
     torch.manual_seed(seed)
     generator = torch.Generator(device=device).manual_seed(seed)
     tensors = TrainingTensors(data, device)

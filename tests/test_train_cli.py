@@ -1,0 +1,140 @@
+"""Method configuration (layered, strict) and `python -m ubo_core.train`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ubo_core.config import Params, load_params
+from ubo_core.data import FeedbackData
+from ubo_core.datasets.validation import build_validation_sets
+from ubo_core.errors import ConfigError
+from ubo_core.methods import METHODS, check_method_params, resolve_config
+from ubo_core.methods.relmf import RelMFHyper
+from ubo_core.train import main, parse_overrides
+
+
+def test_registry_has_the_nine_methods():
+    expected = {"ubo", "umf", "relmf", "expomf", "cjmf", "bpr", "jointopt", "alteropt", "biopt2"}
+    assert set(METHODS) == expected
+    for name, cls in METHODS.items():
+        assert cls.name == name  # registry key = class name attribute = params.yaml value
+
+
+def test_layers_override_in_order(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text(
+        "train:\n  lr: 0.002\n"
+        "methods:\n  relmf:\n    lr: 0.003\n    clip: 0.2\n"
+        "datasets:\n  coat:\n    relmf:\n      clip: 0.3\n"
+    )
+    params = load_params(path)
+    train, hyper = resolve_config(params, "yahoo", "relmf")
+    assert train.lr == 0.003 and hyper == RelMFHyper(clip=0.2)
+    train, hyper = resolve_config(params, "coat", "relmf")
+    assert hyper == RelMFHyper(clip=0.3)
+    train, hyper = resolve_config(params, "coat", "relmf", {"clip": 0.4, "epochs": 3})
+    assert hyper.clip == 0.4 and train.epochs == 3 and train.lr == 0.003
+    # Another method does not see relmf's layer.
+    assert resolve_config(params, "coat", "umf")[0].lr == 0.002
+
+
+@pytest.mark.parametrize(
+    ("yaml_text", "key"),
+    [
+        ("methods:\n  ubo:\n    clip: 0.1\n", "methods.ubo.clip"),
+        ("methods:\n  ubx: {}\n", "method"),
+        ("datasets:\n  movielens:\n    ubo: {}\n", "datasets.movielens"),
+        ("datasets:\n  coat:\n    ubo:\n      inner_lr: -1\n", "methods.ubo.inner_lr"),
+        ("methods:\n  relmf:\n    clip: 2\n", "methods.relmf.clip"),
+        ("methods:\n  umf:\n    lr: fast\n", "train.lr"),
+    ],
+)
+def test_bad_method_params_fail_at_load_naming_the_key(tmp_path, yaml_text, key):
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml_text)
+    with pytest.raises(ConfigError) as caught:
+        check_method_params(load_params(path))
+    assert f": {key}" in str(caught.value), str(caught.value)
+
+
+def test_unknown_method_lists_the_valid_ones():
+    with pytest.raises(ConfigError, match=r"unknown method 'mf'.*'ubo'.*'biopt2'"):
+        resolve_config(Params(), "coat", "mf")
+
+
+def test_parse_overrides_types_values_like_yaml():
+    assert parse_overrides(["lr=0.01", "mode=dense", "epochs=3"]) == {
+        "lr": 0.01,
+        "mode": "dense",
+        "epochs": 3,
+    }
+    with pytest.raises(ConfigError, match="expected key=value"):
+        parse_overrides(["lr"])
+
+
+def tiny_processed(root: Path) -> Path:
+    """A 30 x 12 processed data set in root/processed/coat/ (users like items of their group)."""
+    rng = np.random.default_rng(0)
+    n_users, n_items = 30, 12
+    group_u, group_i = np.arange(n_users) % 2, np.arange(n_items) % 2
+    likes = group_u[:, None] == group_i[None, :]
+    rated = rng.random((n_users, n_items)) < 0.6
+    user, item = np.nonzero(rated)
+    test_items = np.stack([rng.choice(n_items, 4, replace=False) for _ in range(n_users)])
+    test_user = np.repeat(np.arange(n_users), 4)
+    test_item = np.sort(test_items, axis=1).ravel()
+    data = FeedbackData(
+        n_users,
+        n_items,
+        user.astype(np.int32),
+        item.astype(np.int32),
+        likes[user, item].astype(np.int8),
+        test_user.astype(np.int32),
+        test_item.astype(np.int32),
+        likes[test_user, test_item].astype(np.int8),
+        np.arange(n_users, dtype=np.int32),
+    )
+    data = build_validation_sets(data, Params().validation)
+    data.save(root / "processed" / "coat" / "dataset.npz")
+    params = root / "params.yaml"
+    params.write_text(f"data:\n  processed_dir: {root / 'processed'}\n")
+    return params
+
+
+def test_cli_prints_one_json_line_with_the_metrics(tmp_path, capsys):
+    params = tiny_processed(tmp_path)
+    argv = ["--dataset", "coat", "--method", "umf", "--epochs", "2", "--device", "cpu"]
+    assert main([*argv, "--params", str(params), "--no-progress", "--set", "lr=0.05"]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    assert len(out) == 1
+    line = json.loads(out[0])
+    expected_keys = {"dcg@1", "dcg@2", "dcg@3", "map@1", "map@2", "map@3", "seconds", "device"}
+    assert expected_keys <= set(line)
+    assert line["dcg@1"] == line["map@1"]
+    assert (line["dataset"], line["method"], line["seed"], line["device"]) == (
+        "coat",
+        "umf",
+        0,
+        "cpu",
+    )
+
+
+def test_cli_missing_data_names_the_dvc_command(tmp_path, capsys):
+    params = tmp_path / "params.yaml"
+    params.write_text(f"data:\n  processed_dir: {tmp_path / 'nothing'}\n")
+    assert main(["--dataset", "yahoo", "--method", "ubo", "--params", str(params)]) == 1
+    err = capsys.readouterr().err
+    assert "dvc repro validation@yahoo" in err and err.startswith("error: ")
+
+
+def test_cli_unknown_method_and_key(tmp_path, capsys):
+    params = tiny_processed(tmp_path)
+    assert main(["--dataset", "coat", "--method", "mf", "--params", str(params)]) == 1
+    assert "unknown method 'mf'" in capsys.readouterr().err
+    argv = ["--dataset", "coat", "--method", "ubo", "--params", str(params), "--set", "clip=1"]
+    assert main(argv) == 1
+    assert "--set.clip: unknown key for method 'ubo'" in capsys.readouterr().err
