@@ -26,7 +26,8 @@ def test_repository_params_load_and_match_documented_defaults():
     assert params.data.processed_dir == Path("data/processed")
     # The paper's training setting (Sec. 3.1): Adam, lr 1e-3, dim 50, batch 1024, 100 epochs.
     assert (params.train.lr, params.train.dim, params.train.batch_size) == (1e-3, 50, 1024)
-    assert (params.train.epochs, params.train.optimizer, params.train.mode) == (100, "adam", "paper")
+    train = params.train
+    assert (train.epochs, train.optimizer, train.mode) == (100, "adam", "paper")
 
 
 @pytest.mark.parametrize(
