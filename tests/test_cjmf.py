@@ -37,16 +37,6 @@ def _registered(monkeypatch):
     monkeypatch.setitem(METHODS, "cjmf", CJMF)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # The tensors here are tiny: on a shared CPU box, OpenMP thread hand-offs cost milliseconds
-    # per matmul (measured 15 ms against 0.005 ms with one thread).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def planted(n_users: int = 40, n_items: int = 30, seed: int = 0) -> FeedbackData:
     """Even users like even items and odd users odd items. Training exposure is popularity
     biased (item rank r within its group is exposed with probability 0.05 + 0.9 (1 - r/15)^2,
