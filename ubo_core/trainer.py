@@ -71,8 +71,9 @@ def fit(
     """Train `method_name` on `data` and return it with its test metrics."""
     cls = get_method(method_name)
     device = resolve_device(train.device)
-    if train.threads:
-        torch.set_num_threads(train.threads)
+    threads = train.cpu_threads()
+    if device.type == "cpu" and threads is not None:
+        torch.set_num_threads(threads)
     torch.manual_seed(seed)
     generator = torch.Generator(device=device).manual_seed(seed)
     tensors = TrainingTensors(data, device)
