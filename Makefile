@@ -1,5 +1,7 @@
 # ubo: two commands for a fresh machine (README Quickstart):
-#   make benchmark   create .venv if missing, install, build every data set (dvc repro), print the summary
+#   make benchmark   create .venv if missing, install, build every data set (dvc repro), then
+#                    run the study through Prefect (local server and workers) into MLflow;
+#                    SMOKE=1: Coat only, one seed, 3 epochs. BENCHMARK_ARGS: more flows.local flags
 #   make test        install if needed, lint, run the test suite
 #
 # TORCH_INDEX: where torch==2.13.0 comes from. The default CPU wheel index keeps a CPU machine
@@ -16,7 +18,10 @@ export DVC_NO_ANALYTICS := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export PATH := $(BIN):$(PATH)
 
-.PHONY: install benchmark data summary test lint format clean-data
+SMOKE ?=
+BENCHMARK_ARGS ?=
+
+.PHONY: install benchmark data summary study test lint format
 
 install: $(INSTALLED)
 
@@ -31,7 +36,10 @@ $(INSTALLED): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $@
 
-benchmark: data summary
+benchmark: data summary study
+
+study: $(INSTALLED)
+	python -m flows.local $(if $(SMOKE),--smoke) $(BENCHMARK_ARGS)
 
 data: $(INSTALLED)
 	dvc repro

@@ -1,0 +1,161 @@
+"""Prefect flows: `ubo` (deployment `full-benchmark`) fans every (data set, method, seed) out
+as its own flow run of `ubo-train` onto a work pool; workers pick them up.
+
+Thin by design: the science is `ubo_core`, the tracking `flows.tracking`. The parent
+- skips every child whose run key (config + code version + data version) already has a
+  FINISHED run in MLflow, so a re-run trains only what is missing or failed;
+- submits the rest with `run_deployment(..., timeout=0)` and waits for all of them;
+- logs the aggregated table (mean and std over seeds) on its own MLflow run;
+- fails naming every failed child.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger
+from prefect.deployments import run_deployment
+from prefect.flow_runs import wait_for_flow_run
+from prefect.runtime import flow_run as current_flow_run
+
+from flows import tracking
+from ubo_core.config import DATASETS, load_params
+from ubo_core.methods import METHODS, check_method_params, get_method, resolve_config
+
+REPO = Path(__file__).resolve().parents[1]
+TRAIN_DEPLOYMENT = "ubo-train/cpu"
+PARENT_TAG = "ubo-parent:"  # children carry PARENT_TAG + the parent's flow run id (progress)
+
+
+def _repo() -> Path:
+    return Path(os.environ.get("UBO_REPO", REPO)).resolve()
+
+
+@flow(name="ubo-train", retries=1, retry_delay_seconds=10, log_prints=True)
+def ubo_train(
+    dataset: str,
+    method: str,
+    seed: int,
+    overrides: dict[str, Any] | None = None,
+    experiment: str = tracking.DEFAULT_EXPERIMENT,
+    tracking_uri: str | None = None,
+    parent_run_id: str | None = None,
+) -> dict[str, Any]:
+    """Train one (data set, method, seed) and record it in MLflow (skipped if already done)."""
+    repo = _repo()
+    tracking.configure(tracking_uri, repo)
+    child = tracking.train_and_log(
+        dataset=dataset,
+        method=method,
+        seed=seed,
+        overrides=overrides or {},
+        params_path=repo / "params.yaml",
+        repo=repo,
+        experiment=experiment,
+        parent_run_id=parent_run_id,
+    )
+    verb = "skipped (already in MLflow)" if child.skipped else "trained"
+    get_run_logger().info("%s/%s/seed%d %s: %s", dataset, method, seed, verb, child.metrics)
+    return {"run_id": child.run_id, "metrics": child.metrics, "skipped": child.skipped}
+
+
+@flow(name="ubo", log_prints=True)
+def ubo(
+    datasets: list[str] = list(DATASETS),  # noqa: B006 (Prefect parameters are copied)
+    methods: list[str] = list(METHODS),  # noqa: B006
+    seeds: list[int] = [0, 1, 2, 3, 4],  # noqa: B006
+    overrides: dict[str, Any] | None = None,
+    method_overrides: dict[str, dict[str, Any]] | None = None,
+    epochs: int | None = None,
+    mode: str | None = None,
+    tracking_uri: str | None = None,
+    experiment: str = tracking.DEFAULT_EXPERIMENT,
+    train_deployment: str = TRAIN_DEPLOYMENT,
+    poll_seconds: float = 5.0,
+) -> str:
+    """The whole study: every data set x method x seed, one child flow run each.
+
+    overrides apply to every method (train keys such as lr, or epochs/mode given directly);
+    method_overrides[method] to one method. Returns the results table (markdown).
+    """
+    logger = get_run_logger()
+    repo = _repo()
+    tracking.configure(tracking_uri, repo)
+    params = load_params(repo / "params.yaml")
+    check_method_params(params)
+    common = dict(overrides or {})
+    if epochs is not None:
+        common["epochs"] = epochs
+    if mode is not None:
+        common["mode"] = mode
+    per_method = method_overrides or {}
+    plan = []
+    for dataset in datasets:
+        for method in methods:
+            get_method(method)
+            child_overrides = common | per_method.get(method, {})
+            resolve_config(params, dataset, method, child_overrides)  # fail before submitting
+            plan += [(dataset, method, seed, child_overrides) for seed in seeds]
+
+    experiment_id = tracking.get_experiment_id(experiment, repo)
+    parent = tracking.start_parent_run(experiment_id, datasets, methods, seeds, common, per_method)
+    logger.info("MLflow parent run %s; %d children planned", parent, len(plan))
+    submitted, run_ids = [], []
+    for dataset, method, seed, child_overrides in plan:
+        existing = tracking.finished_run_for(
+            params, repo, experiment_id, dataset, method, seed, child_overrides
+        )
+        if existing is not None:
+            run_ids.append(existing)
+            logger.info(
+                "%s/%s/seed%d already finished in MLflow (%s): skipped",
+                dataset,
+                method,
+                seed,
+                existing,
+            )
+            continue
+        flow_run = run_deployment(
+            train_deployment,
+            parameters={
+                "dataset": dataset,
+                "method": method,
+                "seed": seed,
+                "overrides": child_overrides,
+                "experiment": experiment,
+                "tracking_uri": tracking_uri,
+                "parent_run_id": parent,
+            },
+            timeout=0,
+            as_subflow=True,
+            flow_run_name=f"{dataset}/{method}/seed{seed}",
+            tags=[f"{PARENT_TAG}{current_flow_run.id}"],
+        )
+        submitted.append((f"{dataset}/{method}/seed{seed}", flow_run))
+    failed = []
+    started = time.monotonic()
+    for name, flow_run in submitted:
+        state = wait_for_flow_run(flow_run.id, timeout=None, poll_interval=poll_seconds)
+        state = state.state if hasattr(state, "state") else state
+        if state is not None and state.is_completed():
+            result = state.result(raise_on_failure=False)
+            if isinstance(result, dict) and "run_id" in result:
+                run_ids.append(result["run_id"])
+            else:  # results not persisted: find the run by its key instead
+                run_ids.append(None)
+        else:
+            failed.append(f"{name} ({state.name if state else 'unknown'})")
+    logger.info(
+        "children finished after %.0f s; %d failed", time.monotonic() - started, len(failed)
+    )
+    table = tracking.aggregate_runs(experiment_id, [r for r in run_ids if r], parent)
+    markdown = tracking.to_markdown(table)
+    tracking.log_aggregate(parent, table)
+    tracking.end_parent_run(parent, failed)
+    print(markdown)
+    if failed:
+        raise RuntimeError(f"{len(failed)} child run(s) failed: {', '.join(failed)}")
+    return markdown

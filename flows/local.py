@@ -1,0 +1,289 @@
+"""`make benchmark`: the whole study on this machine, with real Prefect and MLflow services.
+
+    python -m flows.local [--smoke] [--cpu-workers N] [--param key=value ...]
+
+If PREFECT_API_URL is not set it starts a local Prefect server (SQLite under .prefect/) and
+stops it at the end; it creates the work pools, deploys prefect.yaml, starts workers (one per
+GPU with CUDA_VISIBLE_DEVICES pinned, else `--cpu-workers` CPU workers), runs
+`ubo/full-benchmark`, shows finished / running / failed children while it waits, prints the
+result tables and stops everything it started, also on Ctrl-C or failure. MLflow defaults to
+sqlite:///<repo>/mlflow.db with artifacts in <repo>/mlruns (MLFLOW_TRACKING_URI overrides).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+STATE_DIR = REPO / ".prefect"
+SMOKE = {"datasets": ["coat"], "seeds": [0], "epochs": 3}
+CONTROL_POOL, CPU_POOL, GPU_POOL = "ubo-control", "ubo-cpu", "ubo-gpu"
+
+
+def service_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.setdefault("PREFECT_HOME", str(STATE_DIR))
+    env.setdefault("UBO_REPO", str(REPO))
+    # Offline machines: Prefect's and DVC's telemetry would only time out.
+    env["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+    env["DO_NOT_TRACK"] = "1"
+    env["DVC_NO_ANALYTICS"] = "1"
+    env.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{REPO / 'mlflow.db'}")
+    return env
+
+
+class Services:
+    """Background processes this run started; all stopped on exit, whatever happens."""
+
+    def __init__(self, env: dict[str, str]) -> None:
+        self.env = env
+        self.processes: list[tuple[str, subprocess.Popen]] = []
+        STATE_DIR.mkdir(exist_ok=True)
+
+    def start(self, name: str, command: list[str], env: dict[str, str] | None = None) -> None:
+        log = open(STATE_DIR / f"{name}.log", "w")  # noqa: SIM115 (kept open for the process)
+        process = subprocess.Popen(
+            command,
+            cwd=REPO,
+            env=env or self.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        self.processes.append((name, process))
+
+    def stop(self) -> None:
+        for _, process in reversed(self.processes):
+            if process.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(process.pid, signal.SIGTERM)
+        deadline = time.monotonic() + 20
+        for name, process in reversed(self.processes):
+            try:
+                process.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(process.pid, signal.SIGKILL)
+                print(f"killed {name}", file=sys.stderr)
+        self.processes.clear()
+
+    def check_alive(self) -> None:
+        for name, process in self.processes:
+            if process.poll() is not None:
+                raise RuntimeError(
+                    f"{name} exited ({process.returncode}); see {STATE_DIR / (name + '.log')}"
+                )
+
+
+def prefect(env: dict[str, str], *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "prefect", *args]
+    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True)
+    if check and done.returncode != 0:
+        raise RuntimeError(f"`prefect {' '.join(args)}` failed:\n{done.stdout}\n{done.stderr}")
+    return done
+
+
+def free_port(preferred: int = 4200) -> int:
+    with socket.socket() as probe:
+        if probe.connect_ex(("127.0.0.1", preferred)) != 0:
+            return preferred
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def wait_healthy(api_url: str, services: Services, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        services.check_alive()
+        with contextlib.suppress(OSError):
+            with urllib.request.urlopen(f"{api_url}/health", timeout=2) as response:
+                if response.status == 200:
+                    return
+        time.sleep(1)
+    raise RuntimeError(f"Prefect server at {api_url} not healthy after {timeout:.0f} s")
+
+
+def gpu_count() -> int:
+    if shutil.which("nvidia-smi") is None:
+        return 0
+    done = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True)
+    return sum(1 for line in done.stdout.splitlines() if line.startswith("GPU "))
+
+
+def parse_params(pairs: list[str]) -> dict[str, Any]:
+    params: dict[str, Any] = {}
+    for pair in pairs:
+        key, _, value = pair.partition("=")
+        params[key] = yaml.safe_load(value)
+    return params
+
+
+@contextlib.contextmanager
+def services_running(env: dict[str, str], cpu_workers: int) -> Iterator[tuple[dict[str, str], str]]:
+    """Server (if needed), pools, deployments and workers; yields (env, training deployment)."""
+    services = Services(env)
+    previous = signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    try:
+        if not env.get("PREFECT_API_URL"):
+            port = free_port()
+            api_url = f"http://127.0.0.1:{port}/api"
+            print(f"starting a local Prefect server on {api_url} (SQLite in {STATE_DIR})")
+            services.start(
+                "prefect-server",
+                [
+                    sys.executable,
+                    "-m",
+                    "prefect",
+                    "server",
+                    "start",
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(port),
+                ],
+            )
+            env = env | {"PREFECT_API_URL": api_url}
+            services.env = env
+            wait_healthy(api_url, services)
+        gpus = gpu_count()
+        train_pool = GPU_POOL if gpus else CPU_POOL
+        for pool in (CONTROL_POOL, train_pool):
+            prefect(env, "work-pool", "create", pool, "--type", "process", "--overwrite")
+        slots = gpus or cpu_workers
+        prefect(env, "work-pool", "set-concurrency-limit", train_pool, str(slots))
+        print("deploying prefect.yaml")
+        prefect(env, "--no-prompt", "deploy", "--all")
+        services.start(
+            "worker-control",
+            [sys.executable, "-m", "prefect", "worker", "start", "--pool", CONTROL_POOL],
+        )
+        for index in range(slots):
+            worker_env = env | ({"CUDA_VISIBLE_DEVICES": str(index)} if gpus else {})
+            services.start(
+                f"worker-{train_pool}-{index}",
+                [
+                    sys.executable,
+                    "-m",
+                    "prefect",
+                    "worker",
+                    "start",
+                    "--pool",
+                    train_pool,
+                    "--limit",
+                    "1",
+                    "--name",
+                    f"{train_pool}-{index}",
+                ],
+                env=worker_env,
+            )
+        print(f"started {slots} {'GPU' if gpus else 'CPU'} worker(s) on pool {train_pool}")
+        yield env, "ubo-train/gpu" if gpus else "ubo-train/cpu"
+    finally:
+        print("stopping the workers and server this run started")
+        services.stop()
+        signal.signal(signal.SIGTERM, previous)
+
+
+def run_benchmark(env: dict[str, str], parameters: dict[str, Any]) -> int:
+    os.environ.update(
+        {k: v for k, v in env.items() if k.startswith(("PREFECT_", "MLFLOW_", "UBO_"))}
+    )
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterTags
+    from prefect.deployments import run_deployment
+
+    from flows.benchmark import PARENT_TAG
+
+    parent = run_deployment("ubo/full-benchmark", parameters=parameters, timeout=0)
+    print(f"flow run {parent.name} ({parent.id}) of ubo/full-benchmark: {json.dumps(parameters)}")
+    started, last = time.monotonic(), ""
+    with get_client(sync_client=True) as client:
+        while True:
+            state = client.read_flow_run(parent.id).state
+            children = client.read_flow_runs(
+                flow_run_filter=FlowRunFilter(
+                    tags=FlowRunFilterTags(all_=[f"{PARENT_TAG}{parent.id}"])
+                )
+            )
+            counts = Counter(child.state.type.value.lower() for child in children if child.state)
+            line = (
+                f"[{time.monotonic() - started:6.0f} s] parent {state.name if state else '?'}; "
+                f"children: {counts.get('completed', 0)} finished, "
+                f"{counts.get('running', 0)} running, "
+                f"{counts.get('scheduled', 0) + counts.get('pending', 0)} waiting, "
+                f"{counts.get('failed', 0) + counts.get('crashed', 0)} failed"
+            )
+            if line.split("]", 1)[1] != last:
+                print(line, flush=True)
+                last = line.split("]", 1)[1]
+            if state is not None and state.is_final():
+                break
+            time.sleep(5)
+        failed = [
+            c.name for c in children if c.state and c.state.type.value in ("FAILED", "CRASHED")
+        ]
+    from flows import tracking
+
+    table = tracking.results_for_flow_run(str(parent.id), REPO)
+    print(table or "(no results recorded)")
+    if failed:
+        print(f"failed children: {', '.join(sorted(failed))}", file=sys.stderr)
+    if not state.is_completed():
+        print(f"ubo/full-benchmark ended {state.name}: {state.message or ''}", file=sys.stderr)
+        return 1
+    print(
+        f"done in {time.monotonic() - started:.0f} s; compare runs with "
+        f"`mlflow ui --backend-store-uri {env['MLFLOW_TRACKING_URI']}`"
+    )
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m flows.local", description=__doc__.split("\n")[0]
+    )
+    parser.add_argument("--smoke", action="store_true", help="Coat only, one seed, 3 epochs")
+    parser.add_argument("--cpu-workers", type=int, default=max(1, (os.cpu_count() or 1)))
+    parser.add_argument(
+        "--param",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a parameter of the ubo flow (YAML value), e.g. methods=[ubo,umf]",
+    )
+    args = parser.parse_args(argv)
+    parameters = (SMOKE if args.smoke else {}) | parse_params(args.param)
+    # Several CPU workers share the cores: one torch thread each unless told otherwise.
+    if args.cpu_workers > 1:
+        parameters.setdefault("overrides", {}).setdefault("threads", 1)
+    try:
+        with services_running(service_env(), args.cpu_workers) as (env, train_deployment):
+            parameters.setdefault("train_deployment", train_deployment)
+            return run_benchmark(env, parameters)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except RuntimeError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
