@@ -17,8 +17,9 @@ from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.objects import State
 from prefect.deployments import run_deployment
-from prefect.flow_runs import wait_for_flow_run
 from prefect.runtime import flow_run as current_flow_run
 
 from flows import tracking
@@ -28,6 +29,23 @@ from ubo_core.methods import METHODS, check_method_params, get_method, resolve_c
 REPO = Path(__file__).resolve().parents[1]
 TRAIN_DEPLOYMENT = "ubo-train/cpu"
 PARENT_TAG = "ubo-parent:"  # children carry PARENT_TAG + the parent's flow run id (progress)
+
+
+def wait_for_children(flow_run_ids: list[Any], poll_seconds: float) -> list[State]:
+    """Poll until every child flow run is in a final state; returns their states in order.
+    (prefect.flow_runs.wait_for_flow_run is a coroutine in Prefect 3.8.)"""
+    final: dict[Any, State] = {}
+    with get_client(sync_client=True) as client:
+        while len(final) < len(flow_run_ids):
+            for flow_run_id in flow_run_ids:
+                if flow_run_id in final:
+                    continue
+                state = client.read_flow_run(flow_run_id).state
+                if state is not None and state.is_final():
+                    final[flow_run_id] = state
+            if len(final) < len(flow_run_ids):
+                time.sleep(poll_seconds)
+    return [final[flow_run_id] for flow_run_id in flow_run_ids]
 
 
 def _repo() -> Path:
@@ -134,20 +152,19 @@ def ubo(
             flow_run_name=f"{dataset}/{method}/seed{seed}",
             tags=[f"{PARENT_TAG}{current_flow_run.id}"],
         )
-        submitted.append((f"{dataset}/{method}/seed{seed}", flow_run))
-    failed = []
+        key_args = (dataset, method, seed, child_overrides)
+        submitted.append((f"{dataset}/{method}/seed{seed}", flow_run, key_args))
     started = time.monotonic()
-    for name, flow_run in submitted:
-        state = wait_for_flow_run(flow_run.id, timeout=None, poll_interval=poll_seconds)
-        state = state.state if hasattr(state, "state") else state
-        if state is not None and state.is_completed():
-            result = state.result(raise_on_failure=False)
-            if isinstance(result, dict) and "run_id" in result:
-                run_ids.append(result["run_id"])
-            else:  # results not persisted: find the run by its key instead
-                run_ids.append(None)
+    states = wait_for_children([flow_run.id for _, flow_run, _ in submitted], poll_seconds)
+    failed = []
+    for (name, _, key_args), state in zip(submitted, states, strict=True):
+        # The child's MLflow run is found by its run key: no need for Prefect to persist
+        # results between processes.
+        run_id = tracking.finished_run_for(params, repo, experiment_id, *key_args)
+        if state.is_completed() and run_id is not None:
+            run_ids.append(run_id)
         else:
-            failed.append(f"{name} ({state.name if state else 'unknown'})")
+            failed.append(f"{name} ({state.name})")
     logger.info(
         "children finished after %.0f s; %d failed", time.monotonic() - started, len(failed)
     )

@@ -164,7 +164,8 @@ def services_running(env: dict[str, str], cpu_workers: int) -> Iterator[tuple[di
             wait_healthy(api_url, services)
         gpus = gpu_count()
         train_pool = GPU_POOL if gpus else CPU_POOL
-        for pool in (CONTROL_POOL, train_pool):
+        # All three pools exist so that every deployment of prefect.yaml can be created.
+        for pool in (CONTROL_POOL, CPU_POOL, GPU_POOL):
             prefect(env, "work-pool", "create", pool, "--type", "process", "--overwrite")
         slots = gpus or cpu_workers
         prefect(env, "work-pool", "set-concurrency-limit", train_pool, str(slots))
