@@ -6,7 +6,9 @@ If PREFECT_API_URL is not set it starts a local Prefect server (SQLite under .pr
 stops it at the end; it creates the work pools, deploys prefect.yaml, starts workers (one per
 GPU with CUDA_VISIBLE_DEVICES pinned, else `--cpu-workers` CPU workers), runs
 `ubo/full-benchmark`, shows finished / running / failed children while it waits, prints the
-result tables and stops everything it started, also on Ctrl-C or failure. MLflow defaults to
+result tables and stops everything it started, also on Ctrl-C or failure. On CPU workers the
+study trains in dense mode unless `--param mode=paper` is given (see docs/PERFORMANCE.md).
+MLflow defaults to
 sqlite:///<repo>/mlflow.db with artifacts in <repo>/mlruns (MLFLOW_TRACKING_URI overrides).
 """
 
@@ -277,6 +279,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with services_running(service_env(), args.cpu_workers) as (env, train_deployment):
             parameters.setdefault("train_deployment", train_deployment)
+            # Paper mode (1024-pair steps) costs 20-90 s per Yahoo epoch on a 2-core CPU;
+            # dense mode reaches its test metrics there (docs/PERFORMANCE.md). GPU workers
+            # take params.yaml's mode (paper).
+            if train_deployment.endswith("/cpu"):
+                parameters.setdefault("mode", "dense")
             return run_benchmark(env, parameters)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
