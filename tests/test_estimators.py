@@ -250,3 +250,16 @@ def test_minimising_the_expected_loss_recovers_gamma(loss_fn):
         optimizer.step(closure)
     recovered = torch.sigmoid(logits.detach())
     assert float((recovered - gamma).abs().max()) < 1e-3
+
+
+def test_low_variance_loss_with_zero_exposure_on_a_negative_is_finite_regression_nan():
+    """Regression: UBO in dense mode on Yahoo diverged to NaN. An exposure that underflows to
+    exactly 0 on a negative pair made y * log(m p) = 0 * -inf = NaN in the loss and in dL/dm.
+    With y = 0 the loss is -log(1 - m p) = -log(1) = 0 and its gradients are finite."""
+    logit = torch.tensor([0.3, 0.3], requires_grad=True)
+    exposure = torch.tensor([0.0, 0.5], requires_grad=True)
+    label = torch.tensor([0.0, 1.0])
+    loss = low_variance_loss(logit, exposure, label)
+    assert loss[0].item() == 0.0
+    loss.sum().backward()
+    assert torch.isfinite(logit.grad).all() and torch.isfinite(exposure.grad).all()

@@ -138,3 +138,20 @@ def test_cli_unknown_method_and_key(tmp_path, capsys):
     argv = ["--dataset", "coat", "--method", "ubo", "--params", str(params), "--set", "clip=1"]
     assert main(argv) == 1
     assert "--set.clip: unknown key for method 'ubo'" in capsys.readouterr().err
+
+
+def test_training_that_diverges_stops_with_a_clear_error(tmp_path, monkeypatch):
+    """A non-finite epoch loss stops training at once, naming the epoch (not 100 epochs later
+    as a NaN-score error at evaluation)."""
+    import torch
+
+    from ubo_core.errors import UboError
+    from ubo_core.methods.umf import UMF
+    from ubo_core.trainer import fit
+
+    monkeypatch.setattr(UMF, "step", lambda self, batch: {"train_loss": torch.tensor(float("nan"))})
+    params = load_params(tiny_processed(tmp_path))
+    data = FeedbackData.load(tmp_path / "processed" / "coat" / "dataset.npz")
+    train, hyper = resolve_config(params, "coat", "umf", {"epochs": 3, "device": "cpu"})
+    with pytest.raises(UboError, match="umf diverged at epoch 1: train_loss is not finite"):
+        fit("umf", data, train, hyper, seed=0, progress=False)

@@ -14,6 +14,11 @@ from torch import Tensor
 # log(1 - m p) needs 1 - m p > 0; m p < 1 holds mathematically for p < 1, but float32
 # rounds sigmoid(s) to 1 for s > 17: keep a tiny floor.
 _MIN_ONE_MINUS = 1e-7
+# A learnt exposure can underflow to exactly 0 in float32 (sigmoid of a large negative score,
+# theta_i = 0 for an item without training positives). On a negative pair the y * log(m p)
+# term is then 0 * -inf = NaN, in the loss and in dL/dm: UBO in dense mode on Yahoo diverged
+# to NaN this way. The floor sits far below any exposure that matters.
+_MIN_EXPOSURE = 1e-12
 
 
 def ips_loss(logit: Tensor, exposure: Tensor, label: Tensor) -> Tensor:
@@ -26,7 +31,7 @@ def ips_loss(logit: Tensor, exposure: Tensor, label: Tensor) -> Tensor:
 def low_variance_loss(logit: Tensor, exposure: Tensor, label: Tensor) -> Tensor:
     """L2, the paper's low-variance estimator (Eq. 10), per pair:
     -[y log(m p) + (1 - y) log(1 - m p)]."""
-    log_mp = torch.log(exposure) + F.logsigmoid(logit)
+    log_mp = torch.log(exposure.clamp_min(_MIN_EXPOSURE)) + F.logsigmoid(logit)
     one_minus_mp = (1.0 - exposure * torch.sigmoid(logit)).clamp_min(_MIN_ONE_MINUS)
     return -(label * log_mp + (1.0 - label) * torch.log(one_minus_mp))
 
