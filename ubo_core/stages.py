@@ -49,6 +49,7 @@ SUMMARY_COLUMNS = (
     "n_val_pairs",
     "n_hyper_pairs",
     "mean_true_exposure",
+    "random_dcg@3",
 )
 
 
@@ -98,8 +99,18 @@ def run_validation(params: Params, name: str) -> None:
             "n_train_ratings_kept": after.counts()["n_train_ratings"],
             "n_train_pos_kept": after.counts()["n_train_pos"],
         }
+        | random_ranking_dcg(after)
     )
     _write_dataset(after, params.data.processed_dir / name, summary)
+
+
+def random_ranking_dcg(data: FeedbackData) -> dict[str, float]:
+    """Expected DCG@1..3 of a uniformly random ranking of each evaluated user's test items:
+    the floor every method must clearly beat."""
+    from ubo_core.metrics import RankingTask, expected_random_dcg
+
+    task = RankingTask.from_pairs(data.test_user, data.test_item, data.test_label, data.eval_users)
+    return {f"random_dcg@{k}": round(expected_random_dcg(task, k), 6) for k in (1, 2, 3)}
 
 
 def _write_dataset(data: FeedbackData, folder: Path, summary: dict | None = None) -> None:
