@@ -4,7 +4,8 @@ textbook PyTorch loop, on the same Yahoo-sized data (15,400 x 1,000), in one run
     python benchmarks/train_speed.py [--steps 300] [--methods ubo,umf,...] [--device cpu]
         [--data data/processed/yahoo/dataset.npz] [--out docs/train_speed.json]
 
-The naive reference is what a first PyTorch implementation of UMF looks like: a DataLoader
+The naive reference is what a first PyTorch implementation of UMF looks like (torch's default
+threads): a DataLoader
 over a TensorDataset of all 15.4M training pairs (batch 1024, shuffled), nn.Embedding,
 autograd and torch.optim.Adam. Paper mode and the naive loop are timed over `--steps`
 minibatches after a warm-up; dense mode over whole epochs (its steps are blocks of users).
@@ -99,6 +100,9 @@ def naive_loop(tensors: TrainingTensors, steps: int) -> float:
 
 def method_speed(tensors: TrainingTensors, name: str, mode: str, steps: int, device: str) -> float:
     train, hyper = resolve_config(Params(), "yahoo", name, {"mode": mode, "device": device})
+    threads = train.cpu_threads()  # what fit() would use: 1 in paper mode, all cores in dense
+    if tensors.device.type == "cpu" and threads is not None:
+        torch.set_num_threads(threads)
     generator = torch.Generator(device=tensors.device).manual_seed(0)
     method = METHODS[name](tensors, train, hyper, generator)
     sampler = make_sampler(METHODS[name].sampling, tensors, train, generator)
