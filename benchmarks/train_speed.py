@@ -99,7 +99,11 @@ def naive_loop(tensors: TrainingTensors, steps: int) -> float:
 
 
 def method_speed(tensors: TrainingTensors, name: str, mode: str, steps: int, device: str) -> float:
-    train, hyper = resolve_config(Params(), "yahoo", name, {"mode": mode, "device": device})
+    # "paper_lazy": paper mode with optimizer lazy_adam (SparseAdam semantics).
+    optimizer = "lazy_adam" if mode == "paper_lazy" else "adam"
+    mode = "paper" if mode == "paper_lazy" else mode
+    overrides = {"mode": mode, "device": device, "optimizer": optimizer}
+    train, hyper = resolve_config(Params(), "yahoo", name, overrides)
     threads = train.cpu_threads()  # what fit() would use: 1 in paper mode, all cores in dense
     if tensors.device.type == "cpu" and threads is not None:
         torch.set_num_threads(threads)
@@ -162,7 +166,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--methods", default=",".join(METHODS))
-    parser.add_argument("--modes", default="paper,dense")
+    parser.add_argument("--modes", default="paper,paper_lazy,dense")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--data", default=str(REPO / "data/processed/yahoo/dataset.npz"))
     parser.add_argument("--out", default="")
