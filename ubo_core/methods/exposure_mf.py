@@ -65,6 +65,7 @@ class StepRows:
     exposure_users: RowSubset
     gate_weight: Tensor
     gate_bias: Tensor
+    val_labels: Tensor | None = None  # labels of the validation pairs drawn with the rows
 
     def exposure_leaves(self) -> list[Tensor]:
         return [self.exposure_users.values, self.gate_weight, self.gate_bias]
@@ -108,15 +109,16 @@ class ExposureMF(Method):
 
     # -- the training loss L2 with m_a ------------------------------------------------------
     def rows(self, batch: Batch, with_validation: bool = False) -> StepRows:
-        val_users = val_items = None
+        val_users = val_items = val_labels = None
         if with_validation:
-            val_users, val_items, _ = self.validation_batch()
+            val_users, val_items, val_labels = self.validation_batch()
         return StepRows(
             RowSubset(self.user_emb, batch.users, val_users),
             RowSubset(self.item_emb, batch.items, val_items),
             RowSubset(self.exposure_user_emb, batch.users),
             self.gate_weight.detach().clone().requires_grad_(),
             self.gate_bias.detach().clone().requires_grad_(),
+            val_labels,
         )
 
     def rows_loss(
@@ -198,19 +200,18 @@ class ExposureMF(Method):
         `rows` was built with the validation pairs as `extra` (same draw)."""
         user_rows = rows.users.gather(user_next, "extra")
         item_rows = rows.items.gather(item_next, "extra")
-        return log_loss((user_rows * item_rows).sum(-1), self._val_labels).sum()
+        assert rows.val_labels is not None
+        return log_loss((user_rows * item_rows).sum(-1), rows.val_labels).sum()
 
     def validation_batch(self) -> tuple[Tensor, Tensor, Tensor]:
         t = self.tensors
         size = self.train.val_batch_size
         if t.val_users.numel() <= size:
-            self._val_labels = t.val_labels
             return t.val_users, t.val_items, t.val_labels
         pick = torch.randint(
             t.val_users.numel(), (size,), generator=self.generator, device=self.device
         )
-        self._val_labels = t.val_labels[pick]
-        return t.val_users[pick], t.val_items[pick], self._val_labels
+        return t.val_users[pick], t.val_items[pick], t.val_labels[pick]
 
     def _exposure_update(self, rows: StepRows, grads: tuple[Tensor | None, ...] | list) -> None:
         leaves = rows.exposure_leaves()
