@@ -50,7 +50,8 @@ OVERRIDES = {"epochs": EPOCHS, "device": "cpu", "lr": 0.05}
 
 def write_processed(root: Path, dataset: str, semisynthetic: bool = False) -> None:
     """A 30 x 12 processed data set in root/processed/<dataset>/ (users like the items of
-    their group), as in tests/test_train_cli.py; with true relevance/exposure if asked."""
+    their group), shared by the tracking, CLI, flow and UI tests; with true relevance/exposure
+    if asked."""
     rng = np.random.default_rng(0)
     n_users, n_items = 30, 12
     group_u, group_i = np.arange(n_users) % 2, np.arange(n_items) % 2

@@ -5,12 +5,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
+from test_tracking import write_processed  # the shared tiny processed data set
 
 from ubo_core.config import Params, load_params
 from ubo_core.data import FeedbackData
-from ubo_core.datasets.validation import build_validation_sets
 from ubo_core.errors import ConfigError
 from ubo_core.methods import METHODS, check_method_params, resolve_config
 from ubo_core.methods.relmf import RelMFHyper
@@ -77,29 +76,8 @@ def test_parse_overrides_types_values_like_yaml():
 
 
 def tiny_processed(root: Path) -> Path:
-    """A 30 x 12 processed data set in root/processed/coat/ (users like items of their group)."""
-    rng = np.random.default_rng(0)
-    n_users, n_items = 30, 12
-    group_u, group_i = np.arange(n_users) % 2, np.arange(n_items) % 2
-    likes = group_u[:, None] == group_i[None, :]
-    rated = rng.random((n_users, n_items)) < 0.6
-    user, item = np.nonzero(rated)
-    test_items = np.stack([rng.choice(n_items, 4, replace=False) for _ in range(n_users)])
-    test_user = np.repeat(np.arange(n_users), 4)
-    test_item = np.sort(test_items, axis=1).ravel()
-    data = FeedbackData(
-        n_users,
-        n_items,
-        user.astype(np.int32),
-        item.astype(np.int32),
-        likes[user, item].astype(np.int8),
-        test_user.astype(np.int32),
-        test_item.astype(np.int32),
-        likes[test_user, test_item].astype(np.int8),
-        np.arange(n_users, dtype=np.int32),
-    )
-    data = build_validation_sets(data, Params().validation)
-    data.save(root / "processed" / "coat" / "dataset.npz")
+    """A tiny processed Coat-named data set under root/processed and a params.yaml using it."""
+    write_processed(root, "coat")
     params = root / "params.yaml"
     params.write_text(f"data:\n  processed_dir: {root / 'processed'}\n")
     return params
