@@ -78,6 +78,8 @@ def main() -> None:
         rows.append(
             {"method": method, "paper": paper, "dense": dense, "grids": [paper_grid, dense_grid]}
         )
+        if args.out:  # after every method: a long run (Yahoo) keeps what it has measured
+            Path(args.out).write_text(json.dumps(rows, indent=2) + "\n")
         print(
             f"{method:9s} paper dcg@3 {paper['test']['dcg@3']:.3f} ({paper['seconds']:.0f}s)  "
             f"dense dcg@3 {dense['test']['dcg@3']:.3f} ({dense['seconds']:.1f}s, "
