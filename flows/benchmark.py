@@ -121,56 +121,61 @@ def ubo(
     experiment_id = tracking.get_experiment_id(experiment, repo)
     parent = tracking.start_parent_run(experiment_id, datasets, methods, seeds, common, per_method)
     logger.info("MLflow parent run %s; %d children planned", parent, len(plan))
-    submitted, run_ids = [], []
-    for dataset, method, seed, child_overrides in plan:
-        existing = tracking.finished_run_for(
-            params, repo, experiment_id, dataset, method, seed, child_overrides
-        )
-        if existing is not None:
-            run_ids.append(existing)
-            logger.info(
-                "%s/%s/seed%d already finished in MLflow (%s): skipped",
-                dataset,
-                method,
-                seed,
-                existing,
+    try:
+        submitted, run_ids = [], []
+        for dataset, method, seed, child_overrides in plan:
+            existing = tracking.finished_run_for(
+                params, repo, experiment_id, dataset, method, seed, child_overrides
             )
-            continue
-        flow_run = run_deployment(
-            train_deployment,
-            parameters={
-                "dataset": dataset,
-                "method": method,
-                "seed": seed,
-                "overrides": child_overrides,
-                "experiment": experiment,
-                "tracking_uri": tracking_uri,
-                "parent_run_id": parent,
-            },
-            timeout=0,
-            as_subflow=True,
-            flow_run_name=f"{dataset}/{method}/seed{seed}",
-            tags=[f"{PARENT_TAG}{current_flow_run.id}"],
+            if existing is not None:
+                run_ids.append(existing)
+                logger.info(
+                    "%s/%s/seed%d already finished in MLflow (%s): skipped",
+                    dataset,
+                    method,
+                    seed,
+                    existing,
+                )
+                continue
+            flow_run = run_deployment(
+                train_deployment,
+                parameters={
+                    "dataset": dataset,
+                    "method": method,
+                    "seed": seed,
+                    "overrides": child_overrides,
+                    "experiment": experiment,
+                    "tracking_uri": tracking_uri,
+                    "parent_run_id": parent,
+                },
+                timeout=0,
+                as_subflow=True,
+                flow_run_name=f"{dataset}/{method}/seed{seed}",
+                tags=[f"{PARENT_TAG}{current_flow_run.id}"],
+            )
+            key_args = (dataset, method, seed, child_overrides)
+            submitted.append((f"{dataset}/{method}/seed{seed}", flow_run, key_args))
+        started = time.monotonic()
+        states = wait_for_children([flow_run.id for _, flow_run, _ in submitted], poll_seconds)
+        failed = []
+        for (name, _, key_args), state in zip(submitted, states, strict=True):
+            # The child's MLflow run is found by its run key: no need for Prefect to persist
+            # results between processes.
+            run_id = tracking.finished_run_for(params, repo, experiment_id, *key_args)
+            if state.is_completed() and run_id is not None:
+                run_ids.append(run_id)
+            else:
+                failed.append(f"{name} ({state.name})")
+        logger.info(
+            "children finished after %.0f s; %d failed", time.monotonic() - started, len(failed)
         )
-        key_args = (dataset, method, seed, child_overrides)
-        submitted.append((f"{dataset}/{method}/seed{seed}", flow_run, key_args))
-    started = time.monotonic()
-    states = wait_for_children([flow_run.id for _, flow_run, _ in submitted], poll_seconds)
-    failed = []
-    for (name, _, key_args), state in zip(submitted, states, strict=True):
-        # The child's MLflow run is found by its run key: no need for Prefect to persist
-        # results between processes.
-        run_id = tracking.finished_run_for(params, repo, experiment_id, *key_args)
-        if state.is_completed() and run_id is not None:
-            run_ids.append(run_id)
-        else:
-            failed.append(f"{name} ({state.name})")
-    logger.info(
-        "children finished after %.0f s; %d failed", time.monotonic() - started, len(failed)
-    )
-    table = tracking.aggregate_runs(experiment_id, [r for r in run_ids if r], parent)
-    markdown = tracking.to_markdown(table)
-    tracking.log_aggregate(parent, table)
+        table = tracking.aggregate_runs(experiment_id, [r for r in run_ids if r], parent)
+        markdown = tracking.to_markdown(table)
+        tracking.log_aggregate(parent, table)
+    except BaseException:
+        # Cancelled or crashed while its children ran: never leave the MLflow parent RUNNING.
+        tracking.end_parent_run(parent, ["(the parent flow run itself)"])
+        raise
     tracking.end_parent_run(parent, failed)
     print(markdown)
     if failed:
