@@ -2,6 +2,8 @@
 #   make benchmark   create .venv if missing, install, build every data set (dvc repro), then
 #                    run the study through Prefect (local server and workers) into MLflow;
 #                    SMOKE=1: Coat only, one seed, 3 epochs. BENCHMARK_ARGS: more flows.local flags
+#   make tune        tune every method on each data set's hyper-validation set through Prefect
+#                    (`ubo/tune`), then write the chosen values into params.yaml (review the diff)
 #   make test        install if needed, lint, run the test suite
 #
 # TORCH_INDEX: where torch==2.13.0 comes from. The default CPU wheel index keeps a CPU machine
@@ -21,7 +23,7 @@ export PATH := $(BIN):$(PATH)
 SMOKE ?=
 BENCHMARK_ARGS ?=
 
-.PHONY: install benchmark data summary study test lint format
+.PHONY: install benchmark data summary study tune test lint format
 
 install: $(INSTALLED)
 
@@ -40,6 +42,10 @@ benchmark: data summary study
 
 study: $(INSTALLED)
 	python -m flows.local $(if $(SMOKE),--smoke) $(BENCHMARK_ARGS)
+
+tune: $(INSTALLED)
+	python -m flows.local --flow tune $(if $(SMOKE),--smoke) $(BENCHMARK_ARGS)
+	python -m flows.tune apply
 
 data: $(INSTALLED)
 	dvc repro

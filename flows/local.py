@@ -1,15 +1,16 @@
-"""`make benchmark`: the whole study on this machine, with real Prefect and MLflow services.
+"""`make benchmark` / `make tune`: the study or the tuning on this machine, with real Prefect
+and MLflow services.
 
-    python -m flows.local [--smoke] [--cpu-workers N] [--param key=value ...]
+    python -m flows.local [--flow benchmark|tune] [--smoke] [--cpu-workers N] [--param k=v ...]
 
 If PREFECT_API_URL is not set it starts a local Prefect server (SQLite under .prefect/) and
 stops it at the end; it creates the work pools, deploys prefect.yaml, starts workers (one per
 GPU with CUDA_VISIBLE_DEVICES pinned, else `--cpu-workers` CPU workers), runs
-`ubo/full-benchmark`, shows finished / running / failed children while it waits, prints the
-result tables and stops everything it started, also on Ctrl-C or failure. On CPU workers the
-study trains in dense mode unless `--param mode=paper` is given (see docs/PERFORMANCE.md).
-MLflow defaults to
-sqlite:///<repo>/mlflow.db with artifacts in <repo>/mlruns (MLFLOW_TRACKING_URI overrides).
+`ubo/full-benchmark` (or `ubo/tune`), shows finished / running / failed children while it
+waits, prints the result tables and stops everything it started, also on Ctrl-C or failure.
+Runs train in params.yaml's `train.mode` (dense; `--param mode=paper` for the benchmark).
+MLflow defaults to sqlite:///<repo>/mlflow.db with artifacts in <repo>/mlruns
+(MLFLOW_TRACKING_URI overrides).
 """
 
 from __future__ import annotations
@@ -204,7 +205,12 @@ def services_running(env: dict[str, str], cpu_workers: int) -> Iterator[tuple[di
         signal.signal(signal.SIGTERM, previous)
 
 
-def run_benchmark(env: dict[str, str], parameters: dict[str, Any]) -> int:
+DEPLOYMENTS = {"benchmark": "ubo/full-benchmark", "tune": "ubo/tune"}
+
+
+def run_benchmark(
+    env: dict[str, str], parameters: dict[str, Any], deployment: str = DEPLOYMENTS["benchmark"]
+) -> int:
     os.environ.update(
         {k: v for k, v in env.items() if k.startswith(("PREFECT_", "MLFLOW_", "UBO_"))}
     )
@@ -214,8 +220,8 @@ def run_benchmark(env: dict[str, str], parameters: dict[str, Any]) -> int:
 
     from flows.benchmark import PARENT_TAG
 
-    parent = run_deployment("ubo/full-benchmark", parameters=parameters, timeout=0)
-    print(f"flow run {parent.name} ({parent.id}) of ubo/full-benchmark: {json.dumps(parameters)}")
+    parent = run_deployment(deployment, parameters=parameters, timeout=0)
+    print(f"flow run {parent.name} ({parent.id}) of {deployment}: {json.dumps(parameters)}")
     started, last = time.monotonic(), ""
     with get_client(sync_client=True) as client:
         while True:
@@ -244,12 +250,13 @@ def run_benchmark(env: dict[str, str], parameters: dict[str, Any]) -> int:
         ]
     from flows import tracking
 
-    table = tracking.results_for_flow_run(str(parent.id), REPO)
-    print(table or "(no results recorded)")
+    if deployment == DEPLOYMENTS["benchmark"]:
+        table = tracking.results_for_flow_run(str(parent.id), REPO)
+        print(table or "(no results recorded)")
     if failed:
         print(f"failed children: {', '.join(sorted(failed))}", file=sys.stderr)
     if not state.is_completed():
-        print(f"ubo/full-benchmark ended {state.name}: {state.message or ''}", file=sys.stderr)
+        print(f"{deployment} ended {state.name}: {state.message or ''}", file=sys.stderr)
         return 1
     print(
         f"done in {time.monotonic() - started:.0f} s; compare runs with "
@@ -262,6 +269,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m flows.local", description=__doc__.split("\n")[0]
     )
+    parser.add_argument(
+        "--flow", choices=sorted(DEPLOYMENTS), default="benchmark", help="what to run"
+    )
     parser.add_argument("--smoke", action="store_true", help="Coat only, one seed, 3 epochs")
     parser.add_argument("--cpu-workers", type=int, default=max(1, (os.cpu_count() or 1)))
     parser.add_argument(
@@ -272,19 +282,21 @@ def main(argv: list[str] | None = None) -> int:
         help="a parameter of the ubo flow (YAML value), e.g. methods=[ubo,umf]",
     )
     args = parser.parse_args(argv)
-    parameters = (SMOKE if args.smoke else {}) | parse_params(args.param)
+    smoke = SMOKE if args.flow == "benchmark" else {"datasets": ["coat"], "n_trials": 2}
+    parameters = (smoke if args.smoke else {}) | parse_params(args.param)
     # Several CPU workers share the cores: one torch thread each unless told otherwise.
     if args.cpu_workers > 1:
         parameters.setdefault("overrides", {}).setdefault("threads", 1)
     try:
         with services_running(service_env(), args.cpu_workers) as (env, train_deployment):
-            parameters.setdefault("train_deployment", train_deployment)
-            # Paper mode (1024-pair steps) costs 20-90 s per Yahoo epoch on a 2-core CPU;
-            # dense mode reaches its test metrics there (docs/PERFORMANCE.md). GPU workers
-            # take params.yaml's mode (paper).
-            if train_deployment.endswith("/cpu"):
-                parameters.setdefault("mode", "dense")
-            return run_benchmark(env, parameters)
+            on_gpu = train_deployment.endswith("/gpu")
+            if args.flow == "tune":
+                parameters.setdefault(
+                    "study_deployment", f"ubo-tune-study/{'gpu' if on_gpu else 'cpu'}"
+                )
+            else:
+                parameters.setdefault("train_deployment", train_deployment)
+            return run_benchmark(env, parameters, DEPLOYMENTS[args.flow])
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -75,6 +75,7 @@ DEFAULT_EXPERIMENT = "ubo"
 TAG_RUN_KEY = "ubo.run_key"
 TAG_CODE = "ubo.code_version"
 TAG_DATA = "ubo.data_version"
+TAG_COMMIT = "ubo.git_commit"
 TAG_REUSED_BY = "ubo.reused_by."  # + parent run id: a skipped run counts for that parent too
 PARENT_TAG = "mlflow.parentRunId"
 
@@ -179,12 +180,15 @@ def get_experiment_id(name: str, repo: Path) -> str:
 
 # -- versions and run key --------------------------------------------------------------------
 def code_version(repo: Path) -> str:
-    """Git commit of HEAD; `unknown` outside git.
+    """Version of the code that decides results: a hash of the git objects of `ubo_core/`
+    and `params.yaml` at HEAD (`git ls-tree`); `unknown` outside git.
 
-    When `ubo_core/` or `params.yaml` have uncommitted changes (`git status --porcelain`
-    lists them; those decide results, docs, flows and tests do not) the suffix is
-    `+dirty.<hash of the changes>`: with a bare `+dirty`, two different uncommitted edits
-    would share a run key and the second would silently reuse the first one's results.
+    A content hash rather than the commit: a commit that only touches docs, flows or tests
+    keeps the version, so runs of one study stay comparable while the report is written
+    (`git_commit` records the commit itself). When `ubo_core/` or `params.yaml` have
+    uncommitted changes the suffix is `+dirty.<hash of the changes>`: with a bare `+dirty`,
+    two different uncommitted edits would share a run key and the second would silently
+    reuse the first one's results.
     """
     paths = ("ubo_core", "params.yaml")
 
@@ -194,16 +198,28 @@ def code_version(repo: Path) -> str:
         ).stdout
 
     try:
-        sha = git("rev-parse", "HEAD").decode().strip()
+        objects = git("ls-tree", "HEAD", "--", *paths)
+        version = "code-" + hashlib.sha256(objects).hexdigest()[:16]
         if not git("status", "--porcelain", "--", *paths).strip():
-            return sha
+            return version
         digest = hashlib.sha256(git("diff", "HEAD", "--binary", "--", *paths))
         untracked = git("ls-files", "--others", "--exclude-standard", "-z", "--", *paths)
         for name in sorted(filter(None, untracked.split(b"\0"))):
             digest.update(b"\0" + name + b"\0" + (Path(repo) / name.decode()).read_bytes())
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
-    return f"{sha}+dirty.{digest.hexdigest()[:12]}"
+    return f"{version}+dirty.{digest.hexdigest()[:12]}"
+
+
+def git_commit(repo: Path) -> str:
+    """HEAD's commit (what a report names), `unknown` outside git."""
+    try:
+        done = subprocess.run(
+            ["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, check=True
+        )
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return done.stdout.decode().strip()
 
 
 @lru_cache(maxsize=64)
@@ -529,6 +545,7 @@ def train_and_log(
         TAG_RUN_KEY: key,
         TAG_CODE: identity.code,
         TAG_DATA: identity.data,
+        TAG_COMMIT: git_commit(repo),
         "device": str(device),
     }
     if parent_run_id:

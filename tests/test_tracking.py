@@ -29,6 +29,7 @@ from flows.tracking import (
     default_tracking_uri,
     flatten,
     get_experiment_id,
+    git_commit,
     load_model,
     log_aggregate,
     pair_exposure,
@@ -346,9 +347,12 @@ def test_data_version_uses_dvc_lock_md5_only_when_the_file_matches(tmp_path):
         data_version(processed, "yahoo", tmp_path)
 
 
-def test_code_version_is_head_plus_dirty_and_unknown_outside_git(tmp_path, monkeypatch):
+def test_code_version_hashes_code_not_commits_plus_dirty_and_unknown_outside_git(
+    tmp_path, monkeypatch
+):
     monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path))
     assert code_version(tmp_path) == "unknown"
+    assert git_commit(tmp_path) == "unknown"
 
     def git(*args: str) -> str:
         identity = ["-c", "user.name=t", "-c", "user.email=t@t", "-c", "commit.gpgsign=false"]
@@ -362,19 +366,26 @@ def test_code_version_is_head_plus_dirty_and_unknown_outside_git(tmp_path, monke
     git("add", ".")
     git("commit", "-q", "-m", "init")
     sha = git("rev-parse", "HEAD").strip()
-    assert code_version(tmp_path) == sha
+    clean = code_version(tmp_path)
+    assert clean.startswith("code-") and git_commit(tmp_path) == sha
     (tmp_path / "README.md").write_text("y\n")  # not code: still clean
-    assert code_version(tmp_path) == sha
+    assert code_version(tmp_path) == clean
+    git("commit", "-q", "-am", "docs only")  # a new commit, the same code
+    assert code_version(tmp_path) == clean and git_commit(tmp_path) != sha
     (tmp_path / "params.yaml").write_text("train: {lr: 0.1}\n")
     dirty = code_version(tmp_path)
-    assert dirty.startswith(f"{sha}+dirty.") and code_version(tmp_path) == dirty
+    assert dirty.startswith(f"{clean}+dirty.") and code_version(tmp_path) == dirty
     (tmp_path / "params.yaml").write_text("train: {lr: 0.2}\n")  # another uncommitted edit
-    assert code_version(tmp_path).startswith(f"{sha}+dirty.") and code_version(tmp_path) != dirty
+    assert code_version(tmp_path).startswith(f"{clean}+dirty.")
+    assert code_version(tmp_path) != dirty
     (tmp_path / "params.yaml").write_text("train: {lr: 0.1}\n")
     assert code_version(tmp_path) == dirty
+    git("commit", "-q", "-am", "code")  # committed code changes the version
+    assert code_version(tmp_path) not in (clean, dirty)
+    committed = code_version(tmp_path)
     (tmp_path / "ubo_core").mkdir()
     (tmp_path / "ubo_core" / "new.py").write_text("x = 1\n")  # untracked code counts too
-    assert code_version(tmp_path) not in (sha, dirty)
+    assert code_version(tmp_path).startswith(f"{committed}+dirty.")
 
 
 # -- 7. aggregation --------------------------------------------------------------------------

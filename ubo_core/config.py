@@ -163,6 +163,32 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class TuningConfig:
+    """The hyperparameter search (`ubo/tune`): per (data set, method), `trials[dataset]`
+    trials of `seed`-ed TPE over `space[method]`, each scored by the best per-epoch SNIPS
+    DCG@3 on the hyper-validation set; a trial whose curve is below the median of earlier
+    trials after `prune_after_epochs` epochs is stopped. `space[method][knob]` is
+    {low, high, log} (int when low and high are ints) or {choices: [...]}; knobs are train
+    keys or the method's own. Checked against the registry by `ubo_core.tuning`."""
+
+    seed: int = 0
+    trials: dict[str, int] = field(default_factory=dict)
+    startup_trials: int = 4
+    prune_after_epochs: int = 10
+    space: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for dataset, count in self.trials.items():
+            if dataset not in DATASETS:
+                raise ConfigError(
+                    f"trials.{dataset}", f"unknown data set; expected one of {list(DATASETS)}"
+                )
+            _check_range(f"trials.{dataset}", count, 1, 10**6)
+        _check_range("startup_trials", self.startup_trials, 1, 10**6)
+        _check_range("prune_after_epochs", self.prune_after_epochs, 1, 10**6)
+
+
+@dataclass(frozen=True)
 class Params:
     """The whole of `params.yaml`.
 
@@ -177,6 +203,7 @@ class Params:
     semisynthetic: SemisyntheticConfig = field(default_factory=SemisyntheticConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     methods: dict[str, dict[str, Any]] = field(default_factory=dict)
+    tuning: TuningConfig = field(default_factory=TuningConfig)
     datasets: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
 
 

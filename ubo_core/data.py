@@ -20,6 +20,8 @@ from ubo_core.errors import DataError
 from ubo_core.fileio import load_npz, save_npz
 
 _PAIR_GROUPS = ("train", "test", "val", "hyper")
+# What `FeedbackData.load(with_test=False)` never reads: tuning must not see the test set.
+TEST_ARRAYS = ("test_user", "test_item", "test_label", "eval_users")
 _OPTIONAL_GROUPS = ("val", "hyper")
 
 
@@ -116,12 +118,19 @@ class FeedbackData:
         }
         save_npz(path, arrays)
 
+    @property
+    def has_test(self) -> bool:
+        return self.eval_users.size > 0
+
     @classmethod
-    def load(cls, path: Path) -> FeedbackData:
+    def load(cls, path: Path, with_test: bool = True) -> FeedbackData:
+        """Read and check a saved data set. With `with_test=False` the test arrays are not
+        read at all (they come back empty): what hyperparameter tuning uses."""
         required = tuple(
             f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING
         )
-        arrays = load_npz(path, required)
+        skip = () if with_test else TEST_ARRAYS
+        arrays = load_npz(path, required, skip=skip)
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(arrays) - known)
         if unknown:
@@ -129,12 +138,15 @@ class FeedbackData:
         values: dict[str, Any] = dict(arrays)
         values["n_users"] = int(values["n_users"])
         values["n_items"] = int(values["n_items"])
+        for name in skip:
+            values[name] = np.zeros(0, dtype=np.int32)
         data = cls(**values)
-        data.check(path)
+        data.check(path, with_test=with_test)
         return data
 
-    def check(self, where: str | Path) -> None:
-        """Validate shapes, id ranges, labels and duplicates; raise DataError naming `where`."""
+    def check(self, where: str | Path, with_test: bool = True) -> None:
+        """Validate shapes, id ranges, labels and duplicates; raise DataError naming `where`.
+        `with_test=False`: the test arrays are known to be empty (not read) and not checked."""
         if self.n_users <= 0 or self.n_items <= 0:
             raise DataError(where, f"empty matrix {self.n_users} x {self.n_items}")
         validation_arrays = [
@@ -145,6 +157,8 @@ class FeedbackData:
             missing = sorted(set(validation_arrays) - set(present))
             raise DataError(where, f"incomplete validation sets: missing {missing}")
         for group in _PAIR_GROUPS:
+            if group == "test" and not with_test:
+                continue
             user, item, label = (getattr(self, f"{group}_{k}") for k in ("user", "item", "label"))
             if user is None and group in _OPTIONAL_GROUPS:
                 continue
@@ -157,11 +171,11 @@ class FeedbackData:
                 raise DataError(where, f"{group}_label has values other than 0 and 1")
             if user.size == 0:
                 raise DataError(where, f"the {group} split is empty")
-        if self.test_label.sum() == 0:
+        if with_test and self.test_label.sum() == 0:
             raise DataError(where, "the test split has no positive")
         if self.train_label.sum() == 0:
             raise DataError(where, "the training split has no positive")
-        if self.eval_users.size == 0:
+        if with_test and self.eval_users.size == 0:
             raise DataError(where, "no user qualifies for evaluation")
         if (self.eval_users < 0).any() or (self.eval_users >= self.n_users).any():
             raise DataError(where, "eval_users out of range")

@@ -98,8 +98,11 @@ class TrainingTensors:
         self.true_exposure = (
             None if data.true_exposure is None else torch.from_numpy(data.true_exposure).to(device)
         )
-        self.test_task = RankingTask.from_pairs(
-            data.test_user, data.test_item, data.test_label, data.eval_users
+        # None when the data set was loaded without its test split (tuning).
+        self.test_task = (
+            RankingTask.from_pairs(data.test_user, data.test_item, data.test_label, data.eval_users)
+            if data.has_test
+            else None
         )
         assert data.hyper_user is not None and data.hyper_item is not None
         assert data.hyper_label is not None

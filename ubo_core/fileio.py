@@ -72,17 +72,22 @@ def save_npz(path: Path, arrays: Mapping[str, np.ndarray]) -> None:
                 zf.writestr(info, buffer.getvalue())
 
 
-def load_npz(path: Path, required: tuple[str, ...] = ()) -> dict[str, np.ndarray]:
-    """Read an .npz written by `save_npz`; missing file or array is a DataError."""
+def load_npz(
+    path: Path, required: tuple[str, ...] = (), skip: tuple[str, ...] = ()
+) -> dict[str, np.ndarray]:
+    """Read an .npz written by `save_npz`; missing file or array is a DataError.
+
+    Arrays named in `skip` are never read (an .npz member is only decompressed on access),
+    so a corrupt or absent skipped array cannot influence the caller."""
     path = Path(path)
     if not path.is_file():
         raise DataError(path, "file not found")
     try:
         with np.load(path, allow_pickle=False) as data:
-            arrays = {name: data[name] for name in data.files}
+            arrays = {name: data[name] for name in data.files if name not in skip}
     except (OSError, ValueError, zipfile.BadZipFile) as error:
         raise DataError(path, f"not a readable .npz archive ({error})") from error
-    missing = [name for name in required if name not in arrays]
+    missing = [name for name in required if name not in arrays and name not in skip]
     if missing:
         raise DataError(path, f"missing arrays {missing}")
     return arrays

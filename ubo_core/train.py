@@ -38,11 +38,12 @@ def parse_overrides(pairs: Sequence[str]) -> dict[str, Any]:
     return overrides
 
 
-def load_processed(processed_dir: Path, dataset: str) -> FeedbackData:
-    path = processed_dir / dataset / DATASET_FILE
+def load_processed(processed_dir: Path, dataset: str, with_test: bool = True) -> FeedbackData:
+    """The processed data set; `with_test=False` never reads its test split (tuning)."""
+    path = Path(processed_dir) / dataset / DATASET_FILE
     if not path.is_file():
         raise DataError(path, f"not found; build it with `dvc repro validation@{dataset}`")
-    return FeedbackData.load(path)
+    return FeedbackData.load(path, with_test=with_test)
 
 
 def result_line(

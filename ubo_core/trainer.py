@@ -68,8 +68,14 @@ def fit(
     seed: int,
     callback: Callback | None = None,
     progress: bool = True,
+    evaluate_test_set: bool = True,
 ) -> FitResult:
-    """Train `method_name` on `data` and return it with its test metrics."""
+    """Train `method_name` on `data` and return it with its test metrics.
+
+    `evaluate_test_set=False` (tuning) leaves `test_metrics` empty; `data` may then lack its
+    test split. The callback may raise to stop training (a pruned tuning trial)."""
+    if evaluate_test_set and not data.has_test:
+        raise UboError("fit: the data set was loaded without its test split")
     cls = get_method(method_name)
     device = resolve_device(train.device)
     threads = train.cpu_threads()
@@ -118,7 +124,8 @@ def fit(
             )
             if callback is not None:
                 callback(report)
-    return FitResult(method, evaluate_test(method, tensors), history, training_seconds, str(device))
+    test_metrics = evaluate_test(method, tensors) if evaluate_test_set else {}
+    return FitResult(method, test_metrics, history, training_seconds, str(device))
 
 
 def make_sampler(
@@ -166,6 +173,7 @@ def task_scores(method: Method, task: RankingTask) -> np.ndarray:
 
 def evaluate_test(method: Method, tensors: TrainingTensors) -> dict[str, float]:
     """DCG@K, MAP@K and Recall@K on the random-exposure test set."""
+    assert tensors.test_task is not None, "loaded without its test split"
     return ranking_metrics(task_scores(method, tensors.test_task), tensors.test_task, KS)
 
 
