@@ -66,6 +66,7 @@ from ubo_core.engine import TrainingTensors, resolve_device
 from ubo_core.errors import DataError
 from ubo_core.methods import METHODS, get_method, resolve_config
 from ubo_core.methods.base import Method
+from ubo_core.metrics import RankingTask, per_user_metrics
 from ubo_core.train import DATASET_FILE, load_processed
 from ubo_core.trainer import KS, EpochReport
 
@@ -102,6 +103,9 @@ MODEL_DIR = "model"
 STATE_FILE = "state.pt"
 CONFIG_FILE = "config.json"
 EXPOSURE_PATH = "exposure/test_exposure.npz"
+# Per-user test metrics (user ids + dcg_at_k, map_at_k, recall_at_k arrays): what the report's
+# paired significance tests compare, user by user.
+PER_USER_PATH = "test/per_user_metrics.npz"
 # Run statuses a crashed or killed worker leaves behind.
 UNFINISHED = ("RUNNING", "FAILED", "KILLED")
 
@@ -460,6 +464,12 @@ def _write_artifacts(directory: Path, method: Method, data: Any, document: dict[
     text = json.dumps(document, indent=2, sort_keys=True, default=str)
     (model_dir / CONFIG_FILE).write_text(text)
     (directory / CONFIG_FILE).write_text(text)
+    task = RankingTask.from_pairs(data.test_user, data.test_item, data.test_label, data.eval_users)
+    per_user = per_user_metrics(trainer.task_scores(method, task), task, KS)
+    path = directory / PER_USER_PATH
+    path.parent.mkdir(parents=True)
+    arrays = {to_mlflow_key(name): values for name, values in per_user.items()}
+    np.savez_compressed(path, user=task.user_ids, **arrays)
     users = np.asarray(data.test_user)
     items = np.asarray(data.test_item)
     exposure = pair_exposure(method, users, items)

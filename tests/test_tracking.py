@@ -175,8 +175,19 @@ def test_train_and_log_logs_params_tags_curves_metrics_and_artifacts(store):
     assert "pcc" not in child.metrics  # real data: no true exposure
     assert set(child.metrics) == set(FINAL_METRICS) - {"pcc"}
 
-    assert artifact_paths(child.run_id) == {"config.json", "model", "exposure"}
+    assert artifact_paths(child.run_id) == {"config.json", "model", "exposure", "test"}
     assert artifact_paths(child.run_id, "model") == {"model/state.pt", "model/config.json"}
+    # Per-user test metrics (the report's paired tests): their means are the logged metrics.
+    local = mlflow.artifacts.download_artifacts(
+        run_id=child.run_id, artifact_path=tracking.PER_USER_PATH
+    )
+    with np.load(local) as per_user:
+        assert per_user["user"].tolist() == list(range(30))  # eval_users: every user
+        for name in TEST_METRICS:
+            key = to_mlflow_key(name)
+            assert per_user[key].shape == (30,)
+            assert per_user[key].mean() == pytest.approx(child.metrics[name], abs=1e-12)
+    assert tags["ubo.git_commit"] == "unknown"
     assert artifact_paths(child.run_id, "exposure") == {"exposure/test_exposure.npz"}
     local = mlflow.artifacts.download_artifacts(
         run_id=child.run_id, artifact_path="exposure/test_exposure.npz"
