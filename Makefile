@@ -4,6 +4,7 @@
 #                    SMOKE=1: Coat only, one seed, 3 epochs. BENCHMARK_ARGS: more flows.local flags
 #   make tune        tune every method on each data set's hyper-validation set through Prefect
 #                    (`ubo/tune`), then write the chosen values into params.yaml (review the diff)
+#   make report      docs/RESULTS.md and docs/figures/fig{1,2,3}_*.png from the study's MLflow runs
 #   make test        install if needed, lint, run the test suite
 #
 # TORCH_INDEX: where torch==2.13.0 comes from. The default CPU wheel index keeps a CPU machine
@@ -23,7 +24,7 @@ export PATH := $(BIN):$(PATH)
 SMOKE ?=
 BENCHMARK_ARGS ?=
 
-.PHONY: install benchmark data summary study tune test lint format
+.PHONY: install benchmark data summary study tune report test lint format
 
 install: $(INSTALLED)
 
@@ -46,6 +47,9 @@ study: $(INSTALLED)
 tune: $(INSTALLED)
 	python -m flows.local --flow tune $(if $(SMOKE),--smoke) $(BENCHMARK_ARGS)
 	python -m flows.tune apply
+
+report: $(INSTALLED)
+	python -m flows.report
 
 data: $(INSTALLED)
 	dvc repro

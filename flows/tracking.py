@@ -39,6 +39,7 @@ import hashlib
 import json
 import math
 import os
+import platform
 import resource
 import subprocess
 import sys
@@ -77,6 +78,7 @@ TAG_RUN_KEY = "ubo.run_key"
 TAG_CODE = "ubo.code_version"
 TAG_DATA = "ubo.data_version"
 TAG_COMMIT = "ubo.git_commit"
+TAG_MACHINE = "ubo.machine"  # CPU cores / GPU and torch version of the worker (the report)
 TAG_REUSED_BY = "ubo.reused_by."  # + parent run id: a skipped run counts for that parent too
 PARENT_TAG = "mlflow.parentRunId"
 
@@ -213,6 +215,14 @@ def code_version(repo: Path) -> str:
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
     return f"{version}+dirty.{digest.hexdigest()[:12]}"
+
+
+def machine_description(device: torch.device) -> str:
+    """What ran a training run, for the report: e.g. `x86_64, 2 CPU cores, torch 2.13.0`."""
+    text = f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}"
+    if device.type == "cuda":
+        text += f", {torch.cuda.get_device_name(device)}"
+    return text
 
 
 def git_commit(repo: Path) -> str:
@@ -556,6 +566,7 @@ def train_and_log(
         TAG_CODE: identity.code,
         TAG_DATA: identity.data,
         TAG_COMMIT: git_commit(repo),
+        TAG_MACHINE: machine_description(device),
         "device": str(device),
     }
     if parent_run_id:

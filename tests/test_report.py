@@ -1,0 +1,170 @@
+"""The report (flows/report.py): hand-checked statistics, runs selected by code, data and
+config version and never mixed, byte-identical output on a rerun."""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+
+from flows import report, tracking
+from tests.test_tracking import write_processed
+
+DATASETS = ["coat", "ml100k"]
+METHODS = ["relmf", "expomf", "umf", "ubo", "jointopt"]
+SEEDS = [0, 1]
+
+
+def test_holm_adjustment_by_hand():
+    # sorted 0.01, 0.03, 0.04 -> 3 * 0.01, max(0.03, 2 * 0.03), max(0.06, 1 * 0.04)
+    assert report.holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])
+    assert report.holm([0.5, 0.9]) == [1.0, 1.0]  # capped at 1
+
+
+def test_paired_tests_average_over_seeds_then_test_over_users():
+    users = [10, 11, 12]
+    study = report.Study(runs=pd.DataFrame())
+    # Per-user differences UBO - UMF: seed 0 (0.0, 0.2, 0.4), seed 1 (0.2, 0.2, 0.2)
+    # -> per user 0.1, 0.2, 0.3: mean 0.2, sd 0.1, t = 0.2 / (0.1 / sqrt 3) = 2 sqrt 3, df 2.
+    study.per_user[("coat", "ubo", 0)] = pd.Series([0.5, 0.7, 0.9], index=users)
+    study.per_user[("coat", "umf", 0)] = pd.Series([0.5, 0.5, 0.5], index=users)
+    study.per_user[("coat", "ubo", 1)] = pd.Series([0.6, 0.6, 0.6], index=users)
+    study.per_user[("coat", "umf", 1)] = pd.Series([0.4, 0.4, 0.4], index=users)
+    (row,) = report.paired_tests(study, "coat", ["umf"]).to_dict("records")
+    assert row["mean_diff"] == pytest.approx(0.2)
+    assert (row["n_users"], row["n_seeds"], row["seeds_won"]) == (3, 2, 2)
+    t = 2 * math.sqrt(3)
+    assert row["t_p"] == pytest.approx(1 - t / math.sqrt(2 + t * t))  # Student t, df = 2
+    half = 4.302652729911275 * 0.1 / math.sqrt(3)  # t_{0.975, 2} * sem
+    assert (row["ci_low"], row["ci_high"]) == pytest.approx((0.2 - half, 0.2 + half))
+    assert row["wilcoxon_p"] == pytest.approx(0.25)  # 3 positive ranks: exact 2 / 2^3
+    assert row["t_p_holm"] == row["t_p"]  # one baseline: nothing to adjust
+
+
+def test_paper_values_and_difference_in_std_units():
+    assert report.paper_value("yahoo", "dcg@3", "ubo") == 0.888
+    assert report.paper_value("coat", "map@1", "relmf") == 0.555
+    assert report.paper_value("ml100k", "dcg@3", "ubo") is None
+    table = pd.DataFrame(
+        {"dcg@3_mean": [0.90], "dcg@3_std": [0.031]}
+        | {f"{m}_{s}": [0.5] for m in report.METRICS if m != "dcg@3" for s in ("mean", "std")},
+        index=pd.MultiIndex.from_tuples([("coat", "ubo")]),
+    )
+    text = report.paper_table(table, "coat")
+    assert "**0.900 ± 0.031**<br>paper 0.931 (-1.0σ)" in text  # (0.900 - 0.931) / 0.031
+
+
+@pytest.fixture(scope="module")
+def study_store(tmp_path_factory):
+    """A repo-like directory with tiny coat and ml100k data and a few finished study runs."""
+    root = tmp_path_factory.mktemp("report")
+    write_processed(root, "coat")
+    write_processed(root, "ml100k", semisynthetic=True)
+    (root / "params.yaml").write_text(
+        f"data:\n  processed_dir: {root / 'processed'}\n"
+        "train: {mode: dense, epochs: 3, device: cpu, block_users: 8, dense_lr: 0.05}\n"
+    )
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    tracking.configure(tracking.default_tracking_uri(root), root)
+    for dataset in DATASETS:
+        for method in METHODS:
+            for seed in SEEDS:
+                tracking.train_and_log(
+                    dataset=dataset,
+                    method=method,
+                    seed=seed,
+                    overrides={},
+                    params_path=root / "params.yaml",
+                    repo=root,
+                    experiment="study",
+                    parent_run_id=None,
+                )
+    yield root
+    mlflow.set_tracking_uri(None)
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+    if before is not None:
+        os.environ["MLFLOW_TRACKING_URI"] = before
+
+
+def run_report(root: Path, out: Path, *extra: str) -> int:
+    os.environ["UBO_REPO"] = str(root)
+    try:
+        return report.main(
+            [
+                "--experiment",
+                "study",
+                "--out",
+                str(out),
+                "--tracking-uri",
+                tracking.default_tracking_uri(root),
+                "--datasets",
+                *DATASETS,
+                "--methods",
+                *METHODS,
+                "--seeds",
+                *map(str, SEEDS),
+                *extra,
+            ]
+        )
+    finally:
+        del os.environ["UBO_REPO"]
+
+
+def test_report_is_byte_identical_on_a_rerun_and_names_versions(study_store, tmp_path):
+    (tmp_path / "results_discussion.md").write_text("## Discussion\n\nHand-written.\n")
+    assert run_report(study_store, tmp_path) == 0
+    first = (tmp_path / "RESULTS.md").read_bytes()
+    images = {p.name: p.read_bytes() for p in (tmp_path / "figures").iterdir()}
+    assert set(images) == {"fig2_semisynthetic.png", "fig3_pcc.png", "fig1_rq2.png"}
+    assert run_report(study_store, tmp_path) == 0
+    assert (tmp_path / "RESULTS.md").read_bytes() == first
+    assert {p.name: p.read_bytes() for p in (tmp_path / "figures").iterdir()} == images
+    text = first.decode()
+    assert "Runs: 20 (2 data sets x 5 methods x seeds [0, 1]); missing: none." in text
+    assert "Code version: `unknown`" in text  # the store is not a git repository
+    data = tracking.data_version(study_store / "processed", "coat", study_store)
+    assert f"coat `{data}`" in text
+    assert "## Table 2: Coat" in text and "Table 1" not in text  # no Yahoo runs
+    assert "paper 0.931" in text and "## Discussion\n\nHand-written." in text
+    assert "### ML-100K (semi-synthetic)" in text and "| UBO vs |" in text
+
+
+def test_report_numbers_are_the_runs_means(study_store):
+    tracking.configure(tracking.default_tracking_uri(study_store), study_store)
+    study = report.collect(study_store, "study", DATASETS, METHODS, SEEDS)
+    runs = study.runs
+    assert len(runs) == 20 and not study.missing and study.other_versions == 0
+    table = report.summary(runs)
+    ubo = runs[(runs.dataset == "coat") & (runs.method == "ubo")]["dcg@3"]
+    assert table.loc[("coat", "ubo"), "dcg@3_mean"] == pytest.approx(ubo.mean())
+    assert table.loc[("coat", "ubo"), "dcg@3_std"] == pytest.approx(ubo.std(ddof=1))
+    per_user = study.per_user[("coat", "ubo", 0)]
+    assert per_user.mean() == pytest.approx(ubo.iloc[0])
+    curve = study.pcc_curves[("ml100k", "ubo", 0)]
+    assert list(curve.index) == [1, 2, 3] and np.isfinite(curve).all()
+
+
+def test_report_never_mixes_versions_and_refuses_missing_runs(study_store, tmp_path, capsys):
+    params = study_store / "params.yaml"
+    original = params.read_text()
+    try:
+        params.write_text(original.replace("epochs: 3", "epochs: 4"))  # another configuration
+        tracking.configure(tracking.default_tracking_uri(study_store), study_store)
+        study = report.collect(study_store, "study", DATASETS, METHODS, SEEDS)
+        assert study.runs.empty and len(study.missing) == 20 and study.other_versions == 20
+        assert run_report(study_store, tmp_path) == 1
+        assert "no finished run of the current code and data" in capsys.readouterr().err
+    finally:
+        params.write_text(original)
+    assert run_report(study_store, tmp_path, "--seeds", "0", "1", "2") == 1  # seed 2 missing
+    err = capsys.readouterr().err
+    assert (
+        "10 run(s)" in err and "coat/relmf/seed2" in err and not (tmp_path / "RESULTS.md").exists()
+    )
+    assert run_report(study_store, tmp_path, "--seeds", "0", "1", "2", "--allow-partial") == 0
+    assert "missing: coat/relmf/seed2" in (tmp_path / "RESULTS.md").read_text()
