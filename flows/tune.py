@@ -3,6 +3,7 @@
     prefect deployment run ubo/tune            every (data set, method) of params.yaml `tuning`
     python -m flows.tune apply                 write the chosen values into params.yaml
     python -m flows.tune show                  print them (the block `apply` would write)
+    python -m flows.tune summary               a markdown table of the studies (docs/TUNING.md)
 
 The parent flow (`ubo`, deployment `tune`) fans one `ubo-tune-study` flow run per
 (data set, method) out onto the training pool, like the benchmark does with seeds. Each study
@@ -394,6 +395,47 @@ def latest_choices(experiment_id: str) -> dict[str, dict[str, dict[str, Any]]]:
     return chosen
 
 
+def summary_markdown(experiment_id: str) -> str:
+    """A table of the latest study of each (data set, method): trials completed / pruned /
+    failed, the best hyper-validation objective, the study's wall time and its choice."""
+    studies: dict[tuple[str, str], Any] = {}
+    for run in tracking._search(
+        experiment_id,
+        f"tags.`{TAG_KIND}` = 'study' and attributes.status = 'FINISHED'",
+        ["attributes.start_time DESC"],
+    ):
+        studies.setdefault((run.data.tags["dataset"], run.data.tags["method"]), run)
+    lines = [
+        "| data set | method | trials (done / pruned / failed) | best SNIPS DCG@3 | minutes "
+        "| chosen |",
+        "|---|---|---|---|---|---|",
+    ]
+    for dataset in DATASETS:
+        for method in METHODS:
+            run = studies.get((dataset, method))
+            if run is None:
+                continue
+            trials = tracking._search(
+                experiment_id, f"tags.`{tracking.PARENT_TAG}` = '{run.info.run_id}'"
+            )
+            states = [t.data.tags.get("ubo.trial_state", "") for t in trials]
+            done = states.count("complete")
+            pruned = states.count("pruned")
+            failed = sum(state.startswith("failed") for state in states)
+            best = run.data.metrics.get(tracking.to_mlflow_key(f"best_{OBJECTIVE}"), math.nan)
+            minutes = (run.info.end_time - run.info.start_time) / 60000
+            chosen = json.loads(run.data.tags[TAG_CHOSEN])
+            text = ", ".join(
+                f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
+                for k, v in sorted(chosen.items())
+            )
+            lines.append(
+                f"| {dataset} | {method} | {done} / {pruned} / {failed} | {best:.4f} | "
+                f"{minutes:.1f} | {text} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
 def _header(experiment: str) -> str:
     return (
         f"Chosen by `ubo/tune` (MLflow experiment {experiment!r}): per (data set, method) the\n"
@@ -407,7 +449,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m flows.tune", description=__doc__.split("\n")[0]
     )
-    parser.add_argument("command", choices=["show", "apply"])
+    parser.add_argument("command", choices=["show", "apply", "summary"])
     parser.add_argument("--experiment", default=EXPERIMENT)
     parser.add_argument("--params", default=None, help="params.yaml to write (default: the repo's)")
     args = parser.parse_args(argv)
@@ -417,6 +459,9 @@ def main(argv: list[str] | None = None) -> int:
         chosen = latest_choices(tracking.get_experiment_id(args.experiment, repo))
         if not chosen:
             raise UboError(f"no finished tuning study in MLflow experiment {args.experiment!r}")
+        if args.command == "summary":
+            print(summary_markdown(tracking.get_experiment_id(args.experiment, repo)), end="")
+            return 0
         block = tuned_block(chosen, header=_header(args.experiment))
         if args.command == "show":
             print(block, end="")

@@ -22,6 +22,7 @@ from ubo_core.data import FeedbackData
 from ubo_core.engine import (
     Batch,
     BlockSampler,
+    BlockTripleSampler,
     PairSampler,
     TrainingTensors,
     TripleSampler,
@@ -99,7 +100,10 @@ def fit(
             for name, value in method.step(batch).items():
                 sums[name] = sums.get(name, 0) + value
             epoch_steps += 1
-            pairs += batch.users.numel() if batch.weight is None else batch.weight.numel()
+            if batch.negatives is not None:
+                pairs += batch.negatives.numel()  # triples
+            else:
+                pairs += batch.users.numel() if batch.weight is None else batch.weight.numel()
         losses = {name: float(total) / epoch_steps for name, total in sums.items()}  # one sync
         diverged = [name for name, value in losses.items() if not np.isfinite(value)]
         if diverged:
@@ -132,8 +136,9 @@ def make_sampler(
     sampling: str, tensors: TrainingTensors, train: TrainConfig, generator: torch.Generator
 ):
     if sampling == "triples":
-        size = train.batch_size if train.mode == "paper" else train.batch_size * train.block_users
-        return TripleSampler(tensors, size, generator)
+        if train.mode == "paper":
+            return TripleSampler(tensors, train.batch_size, generator)
+        return BlockTripleSampler(tensors, train.block_users, generator)
     if sampling == "full":
         return FullSampler(tensors)
     if train.mode == "paper":

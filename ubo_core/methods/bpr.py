@@ -1,5 +1,6 @@
 """BPR (Rendle et al. 2009): pairwise ranking of each training positive above one uniformly
-sampled unlabeled item of the same user."""
+sampled unlabeled item of the same user. Paper mode steps on minibatches of triples; dense mode
+on a block of users' triples, scored from one block-against-all-items GEMM."""
 
 from __future__ import annotations
 
@@ -34,6 +35,8 @@ class BPR(Method):
 
     def step(self, batch: Batch) -> dict[str, Tensor]:
         assert batch.items is not None and batch.negatives is not None
+        if batch.local is not None:
+            return self._dense_step(batch)
         users = RowSubset(self.user_emb, batch.users)
         items = RowSubset(self.item_emb, batch.items, extra=batch.negatives)
         user_rows = users.gather()
@@ -42,6 +45,21 @@ class BPR(Method):
         loss = bpr_loss(positive, negative).mean()
         grad_users, grad_items = torch.autograd.grad(loss, [users.values, items.values])
         self.optimizer.step([(users.rows, grad_users), (items.rows, grad_items)])
+        return {"train_loss": loss.detach()}
+
+    def _dense_step(self, batch: Batch) -> dict[str, Tensor]:
+        """A block of users against all items: one GEMM, then each triple's two scores are
+        looked up in it (autograd scatters their gradients back into the block's matrix)."""
+        assert batch.items is not None and batch.negatives is not None
+        assert batch.local is not None
+        users = RowSubset(self.user_emb, batch.users)
+        items = RowSubset(self.item_emb, None)
+        scores = users.gather() @ items.gather().T  # (block, M)
+        positive = scores[batch.local, batch.items]
+        negative = scores[batch.local, batch.negatives]
+        loss = bpr_loss(positive, negative).mean()
+        grad_users, grad_items = torch.autograd.grad(loss, [users.values, items.values])
+        self.optimizer.step([(users.rows, grad_users), (None, grad_items)])
         return {"train_loss": loss.detach()}
 
     def scores(self, users: Tensor) -> Tensor:
