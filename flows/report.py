@@ -4,7 +4,7 @@
 
 Which runs: for every (data set, method, seed) of the grid, the FINISHED run whose run key is
 the one `ubo/full-benchmark` would train now, i.e. params.yaml's configuration (no overrides),
-the current code version (ubo_core + params.yaml) and the current data version of each data
+the current code version (ubo_core) and the current data version of each data
 set (its DVC md5). Runs of any other code, data or configuration are never mixed in; they are
 only counted. A missing cell stops the report (naming it) unless `--allow-partial`.
 
@@ -413,7 +413,7 @@ def render(study: Study, discussion: str = "") -> str:
         f"missing: {', '.join(study.missing) if study.missing else 'none'}.",
         f"- Training mode: `{study.mode}`, hyperparameters and epochs as tuned on the "
         "hyper-validation sets (`params.yaml`, docs/TUNING.md).",
-        f"- Code version: `{study.code_version}` (ubo_core + params.yaml); git commits of the "
+        f"- Code version: `{study.code_version}` (a hash of ubo_core at HEAD); git commits of the "
         f"runs: {', '.join(f'`{c[:12]}`' for c in commits)}.",
         "- Data versions (DVC md5 of `data/processed/<name>/dataset.npz`): "
         + ", ".join(f"{d} `{v}`" for d, v in sorted(study.data_versions.items()))

@@ -186,17 +186,18 @@ def get_experiment_id(name: str, repo: Path) -> str:
 
 # -- versions and run key --------------------------------------------------------------------
 def code_version(repo: Path) -> str:
-    """Version of the code that decides results: a hash of the git objects of `ubo_core/`
-    and `params.yaml` at HEAD (`git ls-tree`); `unknown` outside git.
+    """Version of the code that decides results: a hash of the git tree of `ubo_core/` at HEAD
+    (`git ls-tree`); `unknown` outside git.
 
     A content hash rather than the commit: a commit that only touches docs, flows or tests
     keeps the version, so runs of one study stay comparable while the report is written
-    (`git_commit` records the commit itself). When `ubo_core/` or `params.yaml` have
-    uncommitted changes the suffix is `+dirty.<hash of the changes>`: with a bare `+dirty`,
-    two different uncommitted edits would share a run key and the second would silently
-    reuse the first one's results.
+    (`git_commit` records the commit itself). params.yaml is not part of it: the run key holds
+    the resolved configuration of each run, so editing another method's or data set's entry
+    (or a comment) keeps every other run valid. When `ubo_core/` has uncommitted changes the
+    suffix is `+dirty.<hash of the changes>`: with a bare `+dirty`, two different uncommitted
+    edits would share a run key and the second would silently reuse the first one's results.
     """
-    paths = ("ubo_core", "params.yaml")
+    paths = ("ubo_core",)
 
     def git(*args: str) -> bytes:
         return subprocess.run(

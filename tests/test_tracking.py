@@ -383,19 +383,22 @@ def test_code_version_hashes_code_not_commits_plus_dirty_and_unknown_outside_git
     assert code_version(tmp_path) == clean
     git("commit", "-q", "-am", "docs only")  # a new commit, the same code
     assert code_version(tmp_path) == clean and git_commit(tmp_path) != sha
-    (tmp_path / "params.yaml").write_text("train: {lr: 0.1}\n")
+    (tmp_path / "params.yaml").write_text("train: {lr: 0.1}\n")  # config: in the run key
+    assert code_version(tmp_path) == clean
+    (tmp_path / "ubo_core").mkdir()
+    (tmp_path / "ubo_core" / "a.py").write_text("x = 1\n")  # untracked code counts
     dirty = code_version(tmp_path)
     assert dirty.startswith(f"{clean}+dirty.") and code_version(tmp_path) == dirty
-    (tmp_path / "params.yaml").write_text("train: {lr: 0.2}\n")  # another uncommitted edit
+    (tmp_path / "ubo_core" / "a.py").write_text("x = 2\n")  # another uncommitted edit
     assert code_version(tmp_path).startswith(f"{clean}+dirty.")
     assert code_version(tmp_path) != dirty
-    (tmp_path / "params.yaml").write_text("train: {lr: 0.1}\n")
+    (tmp_path / "ubo_core" / "a.py").write_text("x = 1\n")
     assert code_version(tmp_path) == dirty
-    git("commit", "-q", "-am", "code")  # committed code changes the version
-    assert code_version(tmp_path) not in (clean, dirty)
+    git("add", ".")
+    git("commit", "-q", "-m", "code")  # committed code changes the version
     committed = code_version(tmp_path)
-    (tmp_path / "ubo_core").mkdir()
-    (tmp_path / "ubo_core" / "new.py").write_text("x = 1\n")  # untracked code counts too
+    assert committed.startswith("code-") and committed not in (clean, dirty)
+    (tmp_path / "ubo_core" / "a.py").write_text("x = 3\n")  # a tracked file edited
     assert code_version(tmp_path).startswith(f"{committed}+dirty.")
 
 
