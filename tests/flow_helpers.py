@@ -54,9 +54,11 @@ def _target():
 def _wrap(module):
     fit = module.fit
 
-    def fit_with_fault(method_name, data, train, hyper, seed, callback=None, progress=True):
+    def fit_with_fault(
+        method_name, data, train, hyper, seed, callback=None, progress=True, **kwargs
+    ):
         if _target() != (method_name, int(seed)):
-            return fit(method_name, data, train, hyper, seed, callback, progress)
+            return fit(method_name, data, train, hyper, seed, callback, progress, **kwargs)
 
         def crash(report):
             if callback is not None:
@@ -65,7 +67,7 @@ def _wrap(module):
                 f"injected fault: {method_name} seed {seed} crashed after epoch {report.epoch}"
             )
 
-        return fit(method_name, data, train, hyper, seed, crash, progress)
+        return fit(method_name, data, train, hyper, seed, crash, progress, **kwargs)
 
     module.fit = fit_with_fault
 
@@ -107,7 +109,14 @@ def make_repo_copy(root: Path) -> Path:
         shutil.copytree(REPO / package, repo / package, ignore=ignore)
     for name in ("prefect.yaml", "pyproject.toml"):
         shutil.copy2(REPO / name, repo / name)
-    (repo / "params.yaml").write_text("data:\n  processed_dir: data/processed\n")
+    (repo / "params.yaml").write_text(
+        "data:\n  processed_dir: data/processed\n"
+        "train:\n  epochs: 4\n"  # the benchmark scenarios pass their own epochs
+        "tuning:\n  trials: {coat: 3}\n  startup_trials: 2\n  prune_after_epochs: 2\n"
+        "  space:\n"
+        "    umf: {lr: {low: 0.01, high: 0.1, log: true}}\n"
+        "    ubo: {lr: {low: 0.01, high: 0.1, log: true}}\n"
+    )
     return repo
 
 

@@ -23,6 +23,7 @@ the whole fix and the re-run sees the same run keys.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import sqlite3
@@ -308,7 +309,7 @@ def test_every_child_is_logged_with_params_tags_metrics_curves_and_artifacts(ben
             assert sorted(m.step for m in history) == list(range(1, EPOCHS + 1)), (name, key)
 
         # umf and ubo both estimate an exposure: every artifact is there.
-        assert artifact_paths(run.info.run_id) == {"config.json", "model", "exposure"}
+        assert artifact_paths(run.info.run_id) == {"config.json", "model", "exposure", "test"}
         assert artifact_paths(run.info.run_id, "model") == {"model/state.pt", "model/config.json"}
         assert artifact_paths(run.info.run_id, "exposure") == {"exposure/test_exposure.npz"}
         config = mlflow.artifacts.load_dict(f"runs:/{run.info.run_id}/config.json")
@@ -451,3 +452,45 @@ def test_the_repositorys_own_store_saw_none_of_this(stack, benchmark):
     with sqlite3.connect(f"file:{database}?mode=ro", uri=True) as connection:
         names = {row[0] for row in connection.execute("SELECT name FROM experiments")}
     assert not any(stack.token in name for name in names)
+
+
+# -- 4. tuning ---------------------------------------------------------------------------------
+def test_tune_fans_studies_out_to_the_workers_and_records_every_trial(stack):
+    """ubo/tune on coat x (umf, ubo), 3 trials each (the copy's params.yaml `tuning`)."""
+    from prefect.client.orchestration import get_client
+    from prefect.deployments import run_deployment
+
+    from flows.tune import TAG_CHOSEN, TAG_KIND
+
+    experiment = stack.experiment("tune")
+    parameters = {
+        "datasets": ["coat"],
+        "methods": list(METHODS),
+        "experiment": experiment,
+        "overrides": {"device": "cpu", "threads": 1},
+        "poll_seconds": 1.0,
+    }
+    flow_run = run_deployment("ubo/tune", parameters=parameters, timeout=0)
+    deadline = time.monotonic() + PARENT_TIMEOUT
+    with get_client(sync_client=True) as client:
+        while time.monotonic() < deadline:
+            stack.services.check_alive()
+            flow_run = client.read_flow_run(flow_run.id)
+            if flow_run.state is not None and flow_run.state.is_final():
+                break
+            time.sleep(1)
+    assert flow_run.state.is_completed(), f"{state_of(flow_run)}\n{stack.services.tail()}"
+    children = children_of(flow_run)
+    assert set(children) == {f"tune coat/{method}" for method in METHODS}
+    assert all(child.state.is_completed() for child in children.values())
+    runs = runs_of(experiment)
+    kinds = [r.data.tags.get(TAG_KIND) for r in runs]
+    assert (kinds.count("tune"), kinds.count("study"), kinds.count("trial")) == (1, 2, 6)
+    (parent,) = [r for r in runs if r.data.tags.get(TAG_KIND) == "tune"]
+    assert parent.info.status == "FINISHED"
+    block = mlflow.artifacts.load_text(f"runs:/{parent.info.run_id}/tuned_defaults.yaml")
+    for study in (r for r in runs if r.data.tags.get(TAG_KIND) == "study"):
+        assert study.data.tags[tracking.PARENT_TAG] == parent.info.run_id
+        chosen = json.loads(study.data.tags[TAG_CHOSEN])
+        assert set(chosen) == {"lr", "epochs"} and 1 <= chosen["epochs"] <= 4
+        assert f"    {study.data.tags['method']}:" in block
