@@ -46,7 +46,7 @@ study: $(INSTALLED)
 
 tune: $(INSTALLED)
 	python -m flows.local --flow tune $(if $(SMOKE),--smoke) $(BENCHMARK_ARGS)
-	python -m flows.tune apply
+	$(if $(SMOKE),@echo "SMOKE: params.yaml left as it is",python -m flows.tune apply)
 
 report: $(INSTALLED)
 	python -m flows.report

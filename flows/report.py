@@ -99,6 +99,8 @@ class Study:
     code_version: str = ""
     data_versions: dict[str, str] = field(default_factory=dict)
     mode: str = ""
+    seeds: tuple[int, ...] = SEEDS
+    tuned: bool = False  # params.yaml holds tuned values (a `datasets:` block)
 
 
 def collect(
@@ -116,6 +118,8 @@ def collect(
     study = Study(runs=pd.DataFrame())
     study.code_version = tracking.code_version(repo)
     study.mode = params.train.mode
+    study.seeds = tuple(seeds)
+    study.tuned = bool(params.datasets)
     for dataset in datasets:
         study.data_versions[dataset] = tracking.data_version(processed, dataset, repo)
         for method in methods:
@@ -125,6 +129,10 @@ def collect(
                 )
                 if run_id is None:
                     missing.append(f"{dataset}/{method}/seed{seed}")
+                    continue
+                per_user = _per_user(client, run_id)
+                if per_user is None:  # logged by an older flows/tracking.py: not comparable
+                    missing.append(f"{dataset}/{method}/seed{seed} (no per-user metrics)")
                     continue
                 selected.add(run_id)
                 run = client.get_run(run_id)
@@ -147,7 +155,7 @@ def collect(
                         "epochs": int(run.data.params.get("train.epochs", 0)),
                     }
                 )
-                study.per_user[(dataset, method, seed)] = _per_user(client, run_id)
+                study.per_user[(dataset, method, seed)] = per_user
                 if dataset in SEMISYNTHETIC_DATASETS:
                     history = client.get_metric_history(run_id, "pcc")
                     study.pcc_curves[(dataset, method, seed)] = pd.Series(
@@ -169,8 +177,11 @@ def collect(
     return study
 
 
-def _per_user(client: MlflowClient, run_id: str) -> pd.Series:
-    """Per-user DCG@3 of a run (index: user id)."""
+def _per_user(client: MlflowClient, run_id: str) -> pd.Series | None:
+    """Per-user DCG@3 of a run (index: user id); None if the run did not log them."""
+    folder = tracking.PER_USER_PATH.rsplit("/", 1)[0]
+    if tracking.PER_USER_PATH not in {a.path for a in client.list_artifacts(run_id, folder)}:
+        return None
     with tempfile.TemporaryDirectory(prefix="ubo-report-") as tmp:
         local = mlflow.artifacts.download_artifacts(
             run_id=run_id, artifact_path=tracking.PER_USER_PATH, dst_path=tmp
@@ -213,7 +224,7 @@ def paired_tests(study: Study, dataset: str, baselines: Sequence[str]) -> pd.Dat
     rows = []
     for baseline in baselines:
         per_seed = []
-        for seed in SEEDS:
+        for seed in study.seeds:
             ours = study.per_user.get((dataset, "ubo", seed))
             theirs = study.per_user.get((dataset, baseline, seed))
             if ours is not None and theirs is not None:
@@ -221,7 +232,9 @@ def paired_tests(study: Study, dataset: str, baselines: Sequence[str]) -> pd.Dat
         if not per_seed:
             continue
         differences = pd.concat(per_seed, axis=1)
-        per_user = differences.mean(axis=1).to_numpy()
+        # Rounded: a mean of exactly equal values can come out as 1e-17, which Wilcoxon
+        # would count as a difference.
+        per_user = differences.mean(axis=1).to_numpy().round(12)
         mean = float(per_user.mean())
         half = float(stats.t.ppf(0.975, per_user.size - 1) * stats.sem(per_user))
         t_p = float(stats.ttest_rel(per_user, np.zeros_like(per_user)).pvalue)
@@ -368,13 +381,13 @@ def pcc_table(study: Study, dataset: str) -> str:
         m: pd.concat(
             [
                 study.pcc_curves[(dataset, m, s)]
-                for s in SEEDS
+                for s in study.seeds
                 if (dataset, m, s) in study.pcc_curves
             ],
             axis=1,
         )
         for m in methods
-        if any((dataset, m, s) in study.pcc_curves for s in SEEDS)
+        if any((dataset, m, s) in study.pcc_curves for s in study.seeds)
     }
     curves = {m: c for m, c in curves.items() if not c.empty}
     checkpoints = [e for e in PCC_CHECKPOINTS if any(e in c.index for c in curves.values())]
@@ -411,10 +424,20 @@ def render(study: Study, discussion: str = "") -> str:
         f"- Runs: {len(runs)} ({runs['dataset'].nunique()} data sets x "
         f"{runs['method'].nunique()} methods x seeds {sorted(set(runs['seed']))}); "
         f"missing: {', '.join(study.missing) if study.missing else 'none'}.",
-        f"- Training mode: `{study.mode}`, hyperparameters and epochs as tuned on the "
-        "hyper-validation sets (`params.yaml`, docs/TUNING.md).",
+        f"- Training mode: `{study.mode}`; "
+        + (
+            "hyperparameters and epochs as tuned on the hyper-validation sets (the `datasets:` "
+            "block of `params.yaml`, docs/TUNING.md)."
+            if study.tuned
+            else "params.yaml defaults, **untuned** (no `datasets:` block in params.yaml)."
+        ),
         f"- Code version: `{study.code_version}` (a hash of ubo_core at HEAD); git commits of the "
-        f"runs: {', '.join(f'`{c[:12]}`' for c in commits)}.",
+        f"runs: {', '.join(f'`{c[:12]}`' for c in commits)}."
+        + (
+            " **Not a git checkout: runs of different code cannot be told apart here.**"
+            if study.code_version == "unknown"
+            else ""
+        ),
         "- Data versions (DVC md5 of `data/processed/<name>/dataset.npz`): "
         + ", ".join(f"{d} `{v}`" for d, v in sorted(study.data_versions.items()))
         + ".",
@@ -575,7 +598,7 @@ def figures(study: Study, out: Path) -> list[Path]:
             for method in PCC_METHODS:
                 seeds = [
                     study.pcc_curves[(dataset, method, s)]
-                    for s in SEEDS
+                    for s in study.seeds
                     if (dataset, method, s) in study.pcc_curves
                 ]
                 if not seeds:
@@ -633,10 +656,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = Path(args.out)
     discussion_path = out / "results_discussion.md"
     discussion = discussion_path.read_text() if discussion_path.is_file() else ""
+    text = render(study, discussion)  # before anything is written: a failure leaves no mix
     for path in figures(study, out / "figures"):
         print(f"wrote {path}")
     with atomic_path(out / "RESULTS.md") as tmp:
-        tmp.write_text(render(study, discussion))
+        tmp.write_text(text)
     print(f"wrote {out / 'RESULTS.md'} from {len(study.runs)} runs")
     return 0
 

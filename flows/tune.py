@@ -39,7 +39,7 @@ from prefect.runtime import flow_run as current_flow_run
 from flows import tracking
 from flows.benchmark import PARENT_TAG, _repo, wait_for_children
 from ubo_core.config import DATASETS, Params, load_params
-from ubo_core.errors import UboError
+from ubo_core.errors import TrainingDiverged, UboError
 from ubo_core.methods import METHODS, check_method_params, get_method
 from ubo_core.train import load_processed
 from ubo_core.trainer import EpochReport
@@ -50,6 +50,17 @@ STUDY_DEPLOYMENT = "ubo-tune-study/cpu"
 TAG_STUDY_KEY = "ubo.study_key"
 TAG_CHOSEN = "ubo.chosen"  # JSON of the chosen values (incl. epochs) on a finished study run
 TAG_KIND = "ubo.kind"  # "study" or "trial"
+TAG_LAST_USED = "ubo.last_used_ms"  # a reused study counts as chosen again from this time
+# Train keys a tuning run may override: they do not change a trial's curve (eval_every does,
+# through the best epoch and pruning, so it is not among them).
+TUNING_OVERRIDES = frozenset({"device", "threads"})
+
+
+def check_overrides(overrides: dict[str, Any] | None) -> dict[str, Any]:
+    bad = sorted(set(overrides or {}) - TUNING_OVERRIDES)
+    if bad:
+        raise UboError(f"tuning overrides may only set {sorted(TUNING_OVERRIDES)}; got {bad}")
+    return dict(overrides or {})
 
 
 def study_key(
@@ -66,7 +77,9 @@ def study_key(
             "prune_after_epochs": params.tuning.prune_after_epochs,
             "space": params.tuning.space.get(method, {}),
         },
-        "train": tracking._result_config(dataclasses.asdict(params.train)),
+        "train": {
+            k: v for k, v in dataclasses.asdict(params.train).items() if k not in TUNING_OVERRIDES
+        },
         "methods": params.methods.get(method, {}),
         "code": code,
         "data": data,
@@ -97,6 +110,7 @@ def run_study(
 ) -> dict[str, Any]:
     """One Optuna study for (dataset, method), every trial an MLflow run; returns the chosen
     values (with `epochs`). An identical FINISHED study in MLflow is reused."""
+    overrides = check_overrides(overrides)
     params = load_params(params_path)
     check_method_params(params)
     check_tuning(params)
@@ -116,6 +130,7 @@ def run_study(
     )
     if existing:
         log(f"{dataset}/{method}: identical study already finished ({existing[0].info.run_id})")
+        client.set_tag(existing[0].info.run_id, TAG_LAST_USED, str(tracking._now_ms()))
         return json.loads(existing[0].data.tags[TAG_CHOSEN])
     for stale in tracking._search(experiment_id, f"tags.`{TAG_STUDY_KEY}` = '{key}'"):
         client.delete_run(stale.info.run_id)
@@ -241,9 +256,13 @@ def _optimise(
         except optuna.TrialPruned:
             study.tell(trial, state=optuna.trial.TrialState.PRUNED)
             state = "pruned"
-        except UboError as error:  # diverged: a bad region of the space, not a broken study
+        except TrainingDiverged as error:  # a bad region of the space, not a broken study
             study.tell(trial, state=optuna.trial.TrialState.FAIL)
             state, status = f"failed: {error}", RunStatus.FAILED
+        except BaseException:
+            client.set_tag(trial_run, "ubo.trial_state", "crashed")
+            client.set_terminated(trial_run, RunStatus.to_string(RunStatus.FAILED))
+            raise
         else:
             study.tell(trial, outcome.value)
             best_epochs[trial.number] = outcome.best_epoch
@@ -326,11 +345,7 @@ def tune(
     check_tuning(params)
     for method in methods:
         get_method(method)
-    bad = sorted(set(overrides or {}) - set(tracking.NON_RESULT_KEYS))
-    if bad:
-        raise UboError(
-            f"tune: overrides may only set {sorted(tracking.NON_RESULT_KEYS)}; got {bad}"
-        )
+    check_overrides(overrides)
     experiment_id = tracking.get_experiment_id(experiment, repo)
     client = MlflowClient()
     parent = client.create_run(
@@ -382,17 +397,24 @@ def tune(
 
 
 def latest_choices(experiment_id: str) -> dict[str, dict[str, dict[str, Any]]]:
-    """chosen[dataset][method]: the values of the latest FINISHED study of each pair."""
+    """chosen[dataset][method]: the values of the FINISHED study of each pair that a `tune` run
+    started or reused last."""
     runs = tracking._search(
         experiment_id,
         f"tags.`{TAG_KIND}` = 'study' and attributes.status = 'FINISHED'",
         ["attributes.start_time DESC"],
     )
     chosen: dict[str, dict[str, dict[str, Any]]] = {}
+    # Latest by when the study last served a `tune` run: started, or reused as identical.
+    runs = sorted(runs, key=_last_used, reverse=True)
     for run in runs:
         dataset, method = run.data.tags["dataset"], run.data.tags["method"]
         chosen.setdefault(dataset, {}).setdefault(method, json.loads(run.data.tags[TAG_CHOSEN]))
     return chosen
+
+
+def _last_used(run: Any) -> int:
+    return max(run.info.start_time, int(run.data.tags.get(TAG_LAST_USED, 0)))
 
 
 def summary_markdown(experiment_id: str) -> str:

@@ -19,7 +19,7 @@ from tests.test_tracking import write_processed
 from ubo_core import trainer
 from ubo_core.config import ConfigError, load_params
 from ubo_core.data import TEST_ARRAYS, FeedbackData
-from ubo_core.errors import DataError
+from ubo_core.errors import DataError, UboError
 from ubo_core.fileio import load_npz, save_npz
 from ubo_core.tuning import (
     OBJECTIVE,
@@ -202,3 +202,70 @@ def test_a_study_logs_every_trial_and_is_reused(mlflow_store):
     # The same study again: reused, no new trial.
     assert run_study(**arguments, params_path=params_path, repo=root, log=lambda _: None) == chosen
     assert len(client.search_runs([experiment])) == len(runs)
+
+
+def test_a_trial_starts_from_the_untuned_defaults(tmp_path):
+    """Values an earlier search wrote (`datasets:`) must not constrain the next one."""
+    write_processed(tmp_path, "coat")
+    path = write_params(tmp_path)
+    path.write_text(path.read_text() + "datasets:\n  coat:\n    umf: {epochs: 1, dense_lr: 0.5}\n")
+    params = load_params(path)
+    data = FeedbackData.load(tmp_path / "processed" / "coat" / "dataset.npz", with_test=False)
+    outcome = run_trial(data, params, "coat", "umf", {"dense_lr": 0.05}, seed=0)
+    assert [epoch for epoch, _ in outcome.curve] == [1, 2, 3, 4]  # train.epochs, not 1
+
+
+def test_semisynthetic_truth_behind_the_test_labels_is_not_loaded_either(tmp_path):
+    write_processed(tmp_path, "ml100k", semisynthetic=True)
+    path = tmp_path / "processed" / "ml100k" / "dataset.npz"
+    data = FeedbackData.load(path, with_test=False)
+    assert data.true_relevance is None and data.true_exposure is not None  # PCC still works
+    assert FeedbackData.load(path).true_relevance is not None
+
+
+def test_the_tuned_block_must_end_the_file(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text("datasets:\n  coat: {}\ntrain:\n  epochs: 3\n")
+    with pytest.raises(ConfigError, match="section\\(s\\) \\['train'\\] follow it"):
+        write_tuned_defaults(path, tuned_block({"coat": {"umf": {"epochs": 2}}}, "x"))
+    assert path.read_text() == "datasets:\n  coat: {}\ntrain:\n  epochs: 3\n"
+
+
+def test_tuning_overrides_that_change_results_are_refused(mlflow_store):
+    write_processed(mlflow_store, "coat")
+    params_path = write_params(mlflow_store)
+    with pytest.raises(
+        UboError, match="may only set \\['device', 'threads'\\]; got \\['epochs'\\]"
+    ):
+        run_study(
+            dataset="coat",
+            method="umf",
+            n_trials=1,
+            params_path=params_path,
+            repo=mlflow_store,
+            overrides={"epochs": 2, "threads": 1},
+            log=lambda _: None,
+        )
+
+
+def test_apply_takes_the_study_a_tune_run_used_last(mlflow_store):
+    """Space A, then B, then A again (reused, not retrained): A's values are the ones chosen."""
+    write_processed(mlflow_store, "coat")
+    space_a = SPACE
+    space_b = SPACE.replace("high: 0.1, log: true}", "high: 0.2, log: true}")
+    results = []
+    for space in (space_a, space_b, space_a):
+        params_path = write_params(mlflow_store, space)
+        results.append(
+            run_study(
+                dataset="coat",
+                method="umf",
+                n_trials=2,
+                params_path=params_path,
+                repo=mlflow_store,
+                log=lambda _: None,
+            )
+        )
+    assert results[0] == results[2] != results[1]
+    experiment = MlflowClient().get_experiment_by_name("ubo-tuning").experiment_id
+    assert latest_choices(experiment) == {"coat": {"umf": results[0]}}

@@ -21,7 +21,9 @@ from ubo_core.fileio import load_npz, save_npz
 
 _PAIR_GROUPS = ("train", "test", "val", "hyper")
 # What `FeedbackData.load(with_test=False)` never reads: tuning must not see the test set.
+# true_relevance is the gamma the semi-synthetic test labels are drawn from: test information.
 TEST_ARRAYS = ("test_user", "test_item", "test_label", "eval_users")
+TEST_DERIVED = ("true_relevance",)
 _OPTIONAL_GROUPS = ("val", "hyper")
 
 
@@ -129,7 +131,7 @@ class FeedbackData:
         required = tuple(
             f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING
         )
-        skip = () if with_test else TEST_ARRAYS
+        skip = () if with_test else TEST_ARRAYS + TEST_DERIVED
         arrays = load_npz(path, required, skip=skip)
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(arrays) - known)
@@ -139,7 +141,8 @@ class FeedbackData:
         values["n_users"] = int(values["n_users"])
         values["n_items"] = int(values["n_items"])
         for name in skip:
-            values[name] = np.zeros(0, dtype=np.int32)
+            if name in TEST_ARRAYS:
+                values[name] = np.zeros(0, dtype=np.int32)
         data = cls(**values)
         data.check(path, with_test=with_test)
         return data

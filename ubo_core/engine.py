@@ -13,9 +13,11 @@ seeded generator, so a step never transfers data from the host:
   pointwise methods see pairs (positives cycled in fresh random orders), so every method takes
   the same number of optimiser steps per epoch; one pass over the positives would give BPR ~2
   steps per epoch on Coat against ~85 for the others.
-- `BlockTripleSampler` (BPR, dense mode): the same triples per epoch, grouped by blocks of
+- `BlockTripleSampler` (BPR, dense mode): as many triples per epoch (each positive `rounds`
+  times, so up to one round more than `TripleSampler`'s truncated count), grouped by blocks of
   users, so that a step scores its block against all items with one GEMM and looks triples up
-  in that matrix instead of gathering three embedding rows per triple.
+  in that matrix instead of gathering three embedding rows per triple. All copies of a
+  positive fall in the same step, each with its own negative.
 """
 
 from __future__ import annotations

@@ -23,3 +23,7 @@ class DataError(UboError):
     def __init__(self, path: str | Path, problem: str) -> None:
         super().__init__(f"{path}: {problem}")
         self.path = Path(path)
+
+
+class TrainingDiverged(UboError):
+    """A training loss became NaN or infinite (a learning rate too large, usually)."""

@@ -28,7 +28,7 @@ from ubo_core.engine import (
     TripleSampler,
     resolve_device,
 )
-from ubo_core.errors import UboError
+from ubo_core.errors import TrainingDiverged, UboError
 from ubo_core.estimators import item_popularity_exposure, log_loss
 from ubo_core.methods import get_method
 from ubo_core.methods.base import Method
@@ -107,7 +107,7 @@ def fit(
         losses = {name: float(total) / epoch_steps for name, total in sums.items()}  # one sync
         diverged = [name for name, value in losses.items() if not np.isfinite(value)]
         if diverged:
-            raise UboError(
+            raise TrainingDiverged(
                 f"{method_name} diverged at epoch {epoch}: {', '.join(diverged)} is not finite "
                 "(try a smaller learning rate)"
             )

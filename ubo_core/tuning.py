@@ -13,7 +13,9 @@ The search itself (which values to try, when to prune) belongs to the orchestrat
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -99,6 +101,12 @@ def check_tuning(params: Params) -> None:
         knobs(params, method)
 
 
+def untuned(params: Params) -> Params:
+    """`params` without its `datasets:` layer: what a trial starts from. The tuned values of an
+    earlier search (that layer) must not constrain the next one (e.g. cap its epochs)."""
+    return dataclasses.replace(params, datasets={})
+
+
 @dataclass
 class TrialOutcome:
     """A trial's score: the best hyper-validation objective over epochs, and when."""
@@ -122,7 +130,7 @@ def run_trial(
     """Train `method` with `values` over the params.yaml defaults and score it on the
     hyper-validation set. `data` should be loaded with `with_test=False`; the test set is never
     evaluated either way. `on_epoch` may raise to stop the trial (pruning)."""
-    train, hyper = resolve_config(params, dataset, method, dict(values))
+    train, hyper = resolve_config(untuned(params), dataset, method, dict(values))
     curve: list[tuple[int, float]] = []
 
     def record(report: EpochReport) -> None:
@@ -171,7 +179,8 @@ def _plain(value: Any) -> Any:
 
 def write_tuned_defaults(params_path: Path, block: str) -> None:
     """Replace everything from the tuned-defaults marker (or a top-level `datasets:`) to the
-    end of params.yaml with `block`; the new file is checked before it replaces the old."""
+    end of params.yaml with `block`; the new file is checked before it replaces the old. The
+    `datasets:` section belongs to the tuner: hand-set values go in `methods:`."""
     params_path = Path(params_path)
     text = params_path.read_text()
     lines = text.splitlines(keepends=True)
@@ -179,6 +188,18 @@ def write_tuned_defaults(params_path: Path, block: str) -> None:
         (i for i, line in enumerate(lines) if line.startswith((TUNED_MARKER, "datasets:"))),
         len(lines),
     )
+    # The block is the end of the file; refuse to cut away any other top-level section.
+    later = [
+        line.split(":")[0]
+        for line in lines[cut + 1 :]
+        if re.match(r"[A-Za-z_]", line) and not line.startswith("datasets:")
+    ]
+    if later:
+        raise ConfigError(
+            "datasets",
+            f"the tuned block must end {params_path}, but section(s) {later} follow it; move "
+            "them above `datasets:`",
+        )
     head = "".join(lines[:cut]).rstrip("\n") + "\n\n"
     with atomic_path(params_path) as tmp:
         tmp.write_text(head + block)

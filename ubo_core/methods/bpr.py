@@ -1,6 +1,7 @@
 """BPR (Rendle et al. 2009): pairwise ranking of each training positive above one uniformly
 sampled unlabeled item of the same user. Paper mode steps on minibatches of triples; dense mode
-on a block of users' triples, scored from one block-against-all-items GEMM."""
+on all triples of a block of users (`BlockTripleSampler`), scored from one
+block-against-all-items GEMM."""
 
 from __future__ import annotations
 
