@@ -421,7 +421,7 @@ def render(study: Study, discussion: str = "") -> str:
         "",
         "## What ran",
         "",
-        f"- Runs: {len(runs)} ({runs['dataset'].nunique()} data sets x "
+        f"- Runs: {len(runs)} ({runs['dataset'].nunique()} data set(s) x "
         f"{runs['method'].nunique()} methods x seeds {sorted(set(runs['seed']))}); "
         f"missing: {', '.join(study.missing) if study.missing else 'none'}.",
         f"- Training mode: `{study.mode}`; "

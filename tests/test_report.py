@@ -125,7 +125,7 @@ def test_report_is_byte_identical_on_a_rerun_and_names_versions(study_store, tmp
     assert (tmp_path / "RESULTS.md").read_bytes() == first
     assert {p.name: p.read_bytes() for p in (tmp_path / "figures").iterdir()} == images
     text = first.decode()
-    assert "Runs: 20 (2 data sets x 5 methods x seeds [0, 1]); missing: none." in text
+    assert "Runs: 20 (2 data set(s) x 5 methods x seeds [0, 1]); missing: none." in text
     assert "Code version: `unknown`" in text and "Not a git checkout" in text  # no git here
     assert "**untuned** (no `datasets:` block in params.yaml)" in text
     data = tracking.data_version(study_store / "processed", "coat", study_store)
