@@ -40,16 +40,27 @@ from flows import tracking
 from flows.benchmark import PARENT_TAG, _repo, wait_for_children
 from ubo_core.config import DATASETS, Params, load_params
 from ubo_core.errors import TrainingDiverged, UboError
-from ubo_core.methods import METHODS, check_method_params, get_method
+from ubo_core.methods import METHODS, check_method_params, get_method, resolve_config
 from ubo_core.train import load_processed
 from ubo_core.trainer import EpochReport
-from ubo_core.tuning import OBJECTIVE, Knob, check_tuning, knobs, run_trial, tuned_block
+from ubo_core.tuning import (
+    OBJECTIVE,
+    Knob,
+    check_tuning,
+    knobs,
+    run_trial,
+    tuned_block,
+    untuned,
+)
 
 EXPERIMENT = "ubo-tuning"
 STUDY_DEPLOYMENT = "ubo-tune-study/cpu"
 TAG_STUDY_KEY = "ubo.study_key"
 TAG_CHOSEN = "ubo.chosen"  # JSON of the chosen values (incl. epochs) on a finished study run
 TAG_KIND = "ubo.kind"  # "study" or "trial"
+# 2: trial 0 is the untuned default configuration (`default_values`), so a search can never
+# choose something that scores worse on hyper-validation than the defaults.
+PROCEDURE = 2
 TAG_LAST_USED = "ubo.last_used_ms"  # a reused study counts as chosen again from this time
 # Train keys a tuning run may override: they do not change a trial's curve (eval_every does,
 # through the best epoch and pruning, so it is not among them).
@@ -68,6 +79,7 @@ def study_key(
 ) -> str:
     """What determines a study's outcome: its space, budget, base config, code and data."""
     payload = {
+        "procedure": PROCEDURE,
         "dataset": dataset,
         "method": method,
         "n_trials": n_trials,
@@ -86,6 +98,24 @@ def study_key(
     }
     text = json.dumps(payload, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()
+
+
+def default_values(params: Params, method: str, space: list[Knob]) -> dict[str, Any]:
+    """The untuned configuration (`train`, then `methods.<method>`, then the method's own
+    defaults) of each knob, moved to the nearest point of its range (weight decay 0 becomes
+    the range's low end on a log scale); a choice knob keeps its first choice if needed."""
+    _, hyper = resolve_config(untuned(params), DATASETS[0], method)
+    resolved = dataclasses.asdict(params.train) | dataclasses.asdict(hyper)
+    resolved |= params.methods.get(method, {})
+    values = {}
+    for knob in space:
+        value = resolved[knob.name]
+        if knob.choices:
+            values[knob.name] = value if value in knob.choices else knob.choices[0]
+        else:
+            value = min(max(value, knob.low), knob.high)  # type: ignore[type-var]
+            values[knob.name] = int(value) if knob.integer else float(value)
+    return values
 
 
 def suggest(trial: optuna.Trial, knob: Knob) -> Any:
@@ -207,6 +237,7 @@ def _optimise(
             n_startup_trials=tuning.startup_trials, n_warmup_steps=tuning.prune_after_epochs
         ),
     )
+    study.enqueue_trial(default_values(params, method, space))
     best_epochs: dict[int, int] = {}
     for number in range(n_trials):
         trial = study.ask()

@@ -14,7 +14,7 @@ import pytest
 from mlflow import MlflowClient
 
 from flows import tracking
-from flows.tune import TAG_CHOSEN, TAG_KIND, latest_choices, run_study
+from flows.tune import TAG_CHOSEN, TAG_KIND, default_values, latest_choices, run_study
 from tests.test_tracking import write_processed
 from ubo_core import trainer
 from ubo_core.config import ConfigError, load_params
@@ -199,9 +199,24 @@ def test_a_study_logs_every_trial_and_is_reused(mlflow_store):
     curve = client.get_metric_history(best.info.run_id, "val/hyper_snips_dcg_at_3")
     assert [m.step for m in curve] == [1, 2, 3, 4]
     assert latest_choices(experiment) == {"coat": {"umf": chosen}}
+    # Trial 0 is the untuned configuration: dense_lr 0.01 (train default, the range's low
+    # end) and weight decay 0 moved to the log range's low end.
+    (first,) = [t for t in trials if t.info.run_name == "coat/umf/trial0"]
+    assert first.data.params == {"dense_lr": "0.01", "weight_decay": "1e-06"}
     # The same study again: reused, no new trial.
     assert run_study(**arguments, params_path=params_path, repo=root, log=lambda _: None) == chosen
     assert len(client.search_runs([experiment])) == len(runs)
+
+
+def test_default_values_are_the_untuned_config_clipped_into_the_space(tmp_path):
+    path = write_params(tmp_path)
+    path.write_text(path.read_text() + "methods:\n  cjmf: {n_models: 4}\n")
+    params = load_params(path)
+    assert default_values(params, "umf", knobs(params, "umf")) == {
+        "weight_decay": 1e-6,
+        "dense_lr": 0.01,
+    }
+    assert default_values(params, "cjmf", knobs(params, "cjmf")) == {"n_models": 2}
 
 
 def test_a_trial_starts_from_the_untuned_defaults(tmp_path):
