@@ -48,6 +48,19 @@ def wait_for_children(flow_run_ids: list[Any], poll_seconds: float) -> list[Stat
     return [final[flow_run_id] for flow_run_id in flow_run_ids]
 
 
+def submit_child(deployment: str, parameters: dict[str, Any], name: str) -> Any:
+    """Submit a child flow run of `deployment` without waiting, as a subflow of the current
+    flow run and tagged with its id (how `flows.local` shows progress)."""
+    return run_deployment(
+        deployment,
+        parameters=parameters,
+        timeout=0,
+        as_subflow=True,
+        flow_run_name=name,
+        tags=[f"{PARENT_TAG}{current_flow_run.id}"],
+    )
+
+
 def _repo() -> Path:
     return Path(os.environ.get("UBO_REPO", REPO)).resolve()
 
@@ -137,9 +150,9 @@ def ubo(
                     existing,
                 )
                 continue
-            flow_run = run_deployment(
+            flow_run = submit_child(
                 train_deployment,
-                parameters={
+                {
                     "dataset": dataset,
                     "method": method,
                     "seed": seed,
@@ -148,10 +161,7 @@ def ubo(
                     "tracking_uri": tracking_uri,
                     "parent_run_id": parent,
                 },
-                timeout=0,
-                as_subflow=True,
-                flow_run_name=f"{dataset}/{method}/seed{seed}",
-                tags=[f"{PARENT_TAG}{current_flow_run.id}"],
+                f"{dataset}/{method}/seed{seed}",
             )
             key_args = (dataset, method, seed, child_overrides)
             submitted.append((f"{dataset}/{method}/seed{seed}", flow_run, key_args))

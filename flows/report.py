@@ -572,25 +572,32 @@ def figures(study: Study, out: Path) -> list[Path]:
     # PNG metadata without the matplotlib version: identical bytes on a rerun.
     save = {"dpi": 120, "metadata": {"Software": None}}
 
+    def bar_figure(datasets, methods, width: float, title: str, name: str) -> None:
+        fig, axes = plt.subplots(
+            1, len(datasets), figsize=(width * len(datasets), 3.8), squeeze=False
+        )
+        for ax, dataset in zip(axes[0], datasets, strict=True):
+            _bars(ax, table, dataset, methods)
+        fig.suptitle(title)
+        fig.tight_layout()
+        written.append(_save(fig, out / name, save))
+        plt.close(fig)
+
     real = [d for d in REAL_DATASETS if d in present]
     if real:
-        fig, axes = plt.subplots(1, len(real), figsize=(4.5 * len(real), 3.8), squeeze=False)
-        for ax, dataset in zip(axes[0], real, strict=True):
-            _bars(ax, table, dataset, RQ2_METHODS)
-        fig.suptitle("Figure 1 (RQ2): UBO against its ablations")
-        fig.tight_layout()
-        written.append(_save(fig, out / "fig1_rq2.png", save))
-        plt.close(fig)
+        bar_figure(
+            real, RQ2_METHODS, 4.5, "Figure 1 (RQ2): UBO against its ablations", "fig1_rq2.png"
+        )
 
     semi = [d for d in SEMISYNTHETIC_DATASETS if d in present]
     if semi:
-        fig, axes = plt.subplots(1, len(semi), figsize=(5.5 * len(semi), 3.8), squeeze=False)
-        for ax, dataset in zip(axes[0], semi, strict=True):
-            _bars(ax, table, dataset, ALL_METHODS)
-        fig.suptitle("Figure 2: semi-synthetic data, every method")
-        fig.tight_layout()
-        written.append(_save(fig, out / "fig2_semisynthetic.png", save))
-        plt.close(fig)
+        bar_figure(
+            semi,
+            ALL_METHODS,
+            5.5,
+            "Figure 2: semi-synthetic data, every method",
+            "fig2_semisynthetic.png",
+        )
 
         fig, axes = plt.subplots(1, len(semi), figsize=(5.5 * len(semi), 3.8), squeeze=False)
         colors = dict(zip(PCC_METHODS, ("#2980b9", "#27ae60", "#8e44ad", "#c0392b"), strict=True))

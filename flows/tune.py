@@ -33,11 +33,10 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunStatus
 from mlflow.tracking.context import registry as context_registry
 from prefect import flow, get_run_logger
-from prefect.deployments import run_deployment
 from prefect.runtime import flow_run as current_flow_run
 
 from flows import tracking
-from flows.benchmark import PARENT_TAG, _repo, wait_for_children
+from flows.benchmark import _repo, submit_child, wait_for_children
 from ubo_core.config import DATASETS, Params, load_params
 from ubo_core.errors import TrainingDiverged, UboError
 from ubo_core.methods import METHODS, check_method_params, get_method, resolve_config
@@ -390,9 +389,9 @@ def tune(
         submitted = []
         for dataset in datasets:
             for method in methods:
-                flow_run = run_deployment(
+                flow_run = submit_child(
                     study_deployment,
-                    parameters={
+                    {
                         "dataset": dataset,
                         "method": method,
                         "n_trials": n_trials,
@@ -401,10 +400,7 @@ def tune(
                         "parent_run_id": parent,
                         "overrides": overrides,
                     },
-                    timeout=0,
-                    as_subflow=True,
-                    flow_run_name=f"tune {dataset}/{method}",
-                    tags=[f"{PARENT_TAG}{current_flow_run.id}"],
+                    f"tune {dataset}/{method}",
                 )
                 submitted.append((dataset, method, flow_run))
         states = wait_for_children([run.id for *_, run in submitted], poll_seconds)
@@ -433,7 +429,6 @@ def latest_choices(experiment_id: str) -> dict[str, dict[str, dict[str, Any]]]:
     runs = tracking._search(
         experiment_id,
         f"tags.`{TAG_KIND}` = 'study' and attributes.status = 'FINISHED'",
-        ["attributes.start_time DESC"],
     )
     chosen: dict[str, dict[str, dict[str, Any]]] = {}
     # Latest by when the study last served a `tune` run: started, or reused as identical.

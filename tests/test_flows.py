@@ -173,11 +173,15 @@ def tracking_store(request):
 # -- Prefect and MLflow helpers ----------------------------------------------------------------
 def run_parent(stack: Stack, experiment: str):
     """Submit ubo/full-benchmark like `flows.local` does and wait until it is final."""
+    return run_and_wait(stack, PARENT_DEPLOYMENT, PARAMETERS | {"experiment": experiment})
+
+
+def run_and_wait(stack: Stack, deployment: str, parameters: dict[str, Any]):
+    """Submit a flow run of `deployment` and wait until it is final (fails the test if not)."""
     from prefect.client.orchestration import get_client
     from prefect.deployments import run_deployment
 
-    parameters = PARAMETERS | {"experiment": experiment}
-    flow_run = run_deployment(PARENT_DEPLOYMENT, parameters=parameters, timeout=0)
+    flow_run = run_deployment(deployment, parameters=parameters, timeout=0)
     deadline = time.monotonic() + PARENT_TIMEOUT
     with get_client(sync_client=True) as client:
         while time.monotonic() < deadline:
@@ -187,7 +191,7 @@ def run_parent(stack: Stack, experiment: str):
                 return flow_run
             time.sleep(1)
     pytest.fail(
-        f"{PARENT_DEPLOYMENT} not final after {PARENT_TIMEOUT:.0f} s "
+        f"{deployment} not final after {PARENT_TIMEOUT:.0f} s "
         f"({flow_run.state.name if flow_run.state else '?'}):\n{stack.services.tail()}"
     )
 
@@ -457,9 +461,6 @@ def test_the_repositorys_own_store_saw_none_of_this(stack, benchmark):
 # -- 4. tuning ---------------------------------------------------------------------------------
 def test_tune_fans_studies_out_to_the_workers_and_records_every_trial(stack):
     """ubo/tune on coat x (umf, ubo), 3 trials each (the copy's params.yaml `tuning`)."""
-    from prefect.client.orchestration import get_client
-    from prefect.deployments import run_deployment
-
     from flows.tune import TAG_CHOSEN, TAG_KIND
 
     experiment = stack.experiment("tune")
@@ -470,15 +471,7 @@ def test_tune_fans_studies_out_to_the_workers_and_records_every_trial(stack):
         "overrides": {"device": "cpu", "threads": 1},
         "poll_seconds": 1.0,
     }
-    flow_run = run_deployment("ubo/tune", parameters=parameters, timeout=0)
-    deadline = time.monotonic() + PARENT_TIMEOUT
-    with get_client(sync_client=True) as client:
-        while time.monotonic() < deadline:
-            stack.services.check_alive()
-            flow_run = client.read_flow_run(flow_run.id)
-            if flow_run.state is not None and flow_run.state.is_final():
-                break
-            time.sleep(1)
+    flow_run = run_and_wait(stack, "ubo/tune", parameters)
     assert flow_run.state.is_completed(), f"{state_of(flow_run)}\n{stack.services.tail()}"
     children = children_of(flow_run)
     assert set(children) == {f"tune coat/{method}" for method in METHODS}
