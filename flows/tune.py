@@ -25,6 +25,7 @@ import json
 import math
 import sys
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -185,6 +186,7 @@ def run_study(
             study_run,
             params=[
                 Param("n_trials", str(n_trials)),
+                Param("procedure", str(PROCEDURE)),
                 Param("objective", OBJECTIVE),
                 Param("space", json.dumps(params.tuning.space.get(method, {}), sort_keys=True)),
             ],
@@ -454,9 +456,9 @@ def summary_markdown(experiment_id: str) -> str:
     ):
         studies.setdefault((run.data.tags["dataset"], run.data.tags["method"]), run)
     lines = [
-        "| data set | method | trials (done / pruned / failed) | best SNIPS DCG@3 | minutes "
-        "| chosen |",
-        "|---|---|---|---|---|---|",
+        "| data set | method | started (UTC) | trials (done / pruned / failed) "
+        "| best SNIPS DCG@3 | minutes | chosen |",
+        "|---|---|---|---|---|---|---|",
     ]
     for dataset in DATASETS:
         for method in METHODS:
@@ -477,8 +479,10 @@ def summary_markdown(experiment_id: str) -> str:
                 f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
                 for k, v in sorted(chosen.items())
             )
+            started = datetime.fromtimestamp(run.info.start_time / 1000, UTC)
             lines.append(
-                f"| {dataset} | {method} | {done} / {pruned} / {failed} | {best:.4f} | "
+                f"| {dataset} | {method} | {started:%Y-%m-%d %H:%M} | {done} / {pruned} / {failed} "
+                f"| {best:.4f} | "
                 f"{minutes:.1f} | {text} |"
             )
     return "\n".join(lines) + "\n"
