@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import fcntl
 import json
 import os
 import shutil
@@ -29,8 +30,9 @@ import urllib.request
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
+import psutil  # a dependency of dvc, which the project pins
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
@@ -52,60 +54,112 @@ def service_env() -> dict[str, str]:
 
 
 class Services:
-    """Background processes this run started; all stopped on exit, whatever happens."""
+    """Background Prefect processes (server, workers), each in its own process group with its
+    log under `log_dir`.
 
-    def __init__(self, env: dict[str, str]) -> None:
+    `stop` ends them and everything they started (flow-run processes that a worker put in a
+    session of their own included): SIGTERM, then SIGKILL after a grace period. The tests'
+    throwaway stacks (tests/test_flows.py) use the same class.
+    """
+
+    def __init__(self, log_dir: Path, env: dict[str, str]) -> None:
+        self.log_dir = log_dir
         self.env = env
-        self.processes: list[tuple[str, subprocess.Popen]] = []
-        STATE_DIR.mkdir(exist_ok=True)
+        self.processes: list[tuple[str, subprocess.Popen, IO]] = []
+        log_dir.mkdir(parents=True, exist_ok=True)
 
-    def start(self, name: str, command: list[str], env: dict[str, str] | None = None) -> None:
-        log = open(STATE_DIR / f"{name}.log", "w")  # noqa: SIM115 (kept open for the process)
+    def start(
+        self,
+        name: str,
+        prefect_args: list[str],
+        cwd: Path = REPO,
+        env: dict[str, str] | None = None,
+    ) -> subprocess.Popen:
+        """`python -m prefect <prefect_args>` in the background."""
+        log = open(self.log_dir / f"{name}.log", "w")  # noqa: SIM115 (closed by stop)
         process = subprocess.Popen(
-            command,
-            cwd=REPO,
+            [sys.executable, "-m", "prefect", *prefect_args],
+            cwd=cwd,
             env=env or self.env,
+            stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-        self.processes.append((name, process))
+        self.processes.append((name, process, log))
+        return process
 
-    def stop(self) -> None:
-        for _, process in reversed(self.processes):
+    def check_alive(self) -> None:
+        for name, process, _ in self.processes:
+            if process.poll() is not None:
+                raise RuntimeError(f"{name} exited ({process.returncode}):\n{self.tail(name)}")
+
+    def tail(self, name: str | None = None, lines: int = 40) -> str:
+        names = [name] if name else [n for n, _, _ in self.processes]
+        parts = []
+        for each in names:
+            path = self.log_dir / f"{each}.log"
+            text = path.read_text(errors="replace") if path.exists() else ""
+            parts.append(f"--- {each} ({path}) ---\n" + "\n".join(text.splitlines()[-lines:]))
+        return "\n".join(parts)
+
+    def _descendants(self) -> list[psutil.Process]:
+        found = []
+        for _, process, _ in self.processes:
+            with contextlib.suppress(psutil.Error):
+                found += psutil.Process(process.pid).children(recursive=True)
+        return found
+
+    def stop(self, grace: float = 15.0) -> None:
+        descendants = self._descendants()
+        for _, process, _ in reversed(self.processes):
             if process.poll() is None:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(process.pid, signal.SIGTERM)
-        deadline = time.monotonic() + 20
-        for name, process in reversed(self.processes):
+        for child in descendants:
+            with contextlib.suppress(psutil.Error):
+                child.terminate()
+        deadline = time.monotonic() + grace
+        for name, process, _ in self.processes:
             try:
                 process.wait(max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(process.pid, signal.SIGKILL)
+                process.wait(5)
                 print(f"killed {name}", file=sys.stderr)
+        _, alive = psutil.wait_procs(descendants, timeout=max(0.1, deadline - time.monotonic()))
+        for child in alive:
+            with contextlib.suppress(psutil.Error):
+                child.kill()
+        for _, _, log in self.processes:
+            log.close()
         self.processes.clear()
 
-    def check_alive(self) -> None:
-        for name, process in self.processes:
-            if process.poll() is not None:
-                raise RuntimeError(
-                    f"{name} exited ({process.returncode}); see {STATE_DIR / (name + '.log')}"
-                )
 
-
-def prefect(env: dict[str, str], *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "prefect", *args]
-    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True)
+def prefect(
+    env: dict[str, str], *args: str, check: bool = True, cwd: Path = REPO
+) -> subprocess.CompletedProcess:
+    done = subprocess.run(
+        [sys.executable, "-m", "prefect", *args],
+        cwd=cwd,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     if check and done.returncode != 0:
         raise RuntimeError(f"`prefect {' '.join(args)}` failed:\n{done.stdout}\n{done.stderr}")
     return done
 
 
-def free_port(preferred: int = 4200) -> int:
-    with socket.socket() as probe:
-        if probe.connect_ex(("127.0.0.1", preferred)) != 0:
-            return preferred
+def free_port(preferred: int | None = 4200) -> int:
+    """`preferred` if nothing listens there, else any free port."""
+    if preferred is not None:
+        with socket.socket() as probe:
+            if probe.connect_ex(("127.0.0.1", preferred)) != 0:
+                return preferred
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
@@ -119,7 +173,7 @@ def wait_healthy(api_url: str, services: Services, timeout: float = 120) -> None
             with urllib.request.urlopen(f"{api_url}/health", timeout=2) as response:
                 if response.status == 200:
                     return
-        time.sleep(1)
+        time.sleep(0.5)
     raise RuntimeError(f"Prefect server at {api_url} not healthy after {timeout:.0f} s")
 
 
@@ -138,29 +192,47 @@ def parse_params(pairs: list[str]) -> dict[str, Any]:
     return params
 
 
+def exclusive_run(prefect_home: Path) -> IO:
+    """Hold an exclusive lock on `<prefect_home>/flows-local.lock` until the returned file is
+    closed (or the process dies). A second run on the same Prefect home would start a second
+    server on the same SQLite database and reset the pools' concurrency limits under the
+    first run's workers; submit extra work to the running server instead."""
+    prefect_home.mkdir(parents=True, exist_ok=True)
+    path = prefect_home / "flows-local.lock"
+    handle = open(path, "a+")  # noqa: SIM115 (held open: the lock lives as long as the file)
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        raise RuntimeError(
+            f"{path} is locked by a running `python -m flows.local` ({holder}). Wait for it, or "
+            "submit to its server: PREFECT_API_URL=<its api url> prefect deployment run "
+            "ubo/full-benchmark (or ubo/tune) --param ..."
+        ) from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"pid {os.getpid()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+    handle.flush()
+    return handle
+
+
 @contextlib.contextmanager
 def services_running(env: dict[str, str], cpu_workers: int) -> Iterator[tuple[dict[str, str], str]]:
     """Server (if needed), pools, deployments and workers; yields (env, training deployment)."""
-    services = Services(env)
+    services = Services(STATE_DIR, env)
     previous = signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    lock = exclusive_run(Path(env["PREFECT_HOME"]))
     try:
         if not env.get("PREFECT_API_URL"):
             port = free_port()
             api_url = f"http://127.0.0.1:{port}/api"
             print(f"starting a local Prefect server on {api_url} (SQLite in {STATE_DIR})")
+            lock.write(f"its server: {api_url}\n")
+            lock.flush()
             services.start(
-                "prefect-server",
-                [
-                    sys.executable,
-                    "-m",
-                    "prefect",
-                    "server",
-                    "start",
-                    "--host",
-                    "127.0.0.1",
-                    "--port",
-                    str(port),
-                ],
+                "prefect-server", ["server", "start", "--host", "127.0.0.1", "--port", str(port)]
             )
             env = env | {"PREFECT_API_URL": api_url}
             services.env = env
@@ -174,18 +246,12 @@ def services_running(env: dict[str, str], cpu_workers: int) -> Iterator[tuple[di
         prefect(env, "work-pool", "set-concurrency-limit", train_pool, str(slots))
         print("deploying prefect.yaml")
         prefect(env, "--no-prompt", "deploy", "--all")
-        services.start(
-            "worker-control",
-            [sys.executable, "-m", "prefect", "worker", "start", "--pool", CONTROL_POOL],
-        )
+        services.start("worker-control", ["worker", "start", "--pool", CONTROL_POOL])
         for index in range(slots):
             worker_env = env | ({"CUDA_VISIBLE_DEVICES": str(index)} if gpus else {})
             services.start(
                 f"worker-{train_pool}-{index}",
                 [
-                    sys.executable,
-                    "-m",
-                    "prefect",
                     "worker",
                     "start",
                     "--pool",
@@ -203,6 +269,7 @@ def services_running(env: dict[str, str], cpu_workers: int) -> Iterator[tuple[di
         print("stopping the workers and server this run started")
         services.stop()
         signal.signal(signal.SIGTERM, previous)
+        lock.close()  # releases the lock
 
 
 DEPLOYMENTS = {"benchmark": "ubo/full-benchmark", "tune": "ubo/tune"}

@@ -37,20 +37,13 @@ from typing import Any
 import mlflow
 import numpy as np
 import pytest
-from flow_helpers import (
-    FAULT_HOOK,
-    REPO,
-    Services,
-    free_port,
-    make_repo_copy,
-    prefect_cli,
-    wait_healthy,
-)
+from flow_helpers import FAULT_HOOK, REPO, make_repo_copy
 from mlflow import MlflowClient
 from mlflow.entities import Run, ViewType
 from test_tracking import write_processed
 
 from flows import tracking
+from flows.local import Services, exclusive_run, free_port, prefect, wait_healthy
 from flows.tracking import TEST_METRICS, load_model, pair_exposure, to_mlflow_key
 from ubo_core.trainer import evaluate_test
 
@@ -102,7 +95,7 @@ def stack(tmp_path_factory) -> Iterator[Stack]:
     mlflow.set_tracking_uri(tracking_uri)
     MlflowClient().search_experiments()
 
-    port = free_port()
+    port = free_port(preferred=None)
     api_url = f"http://127.0.0.1:{port}/api"
     env = dict(os.environ) | {
         "PREFECT_HOME": str(root / "prefect-home"),
@@ -126,7 +119,7 @@ def stack(tmp_path_factory) -> Iterator[Stack]:
         wait_healthy(api_url, services)
         with temporary_settings(updates={PREFECT_API_URL: api_url}):
             create_pools()
-            prefect_cli(env, repo, "--no-prompt", "deploy", "--all")
+            prefect(env, "--no-prompt", "deploy", "--all", cwd=repo)
             services.start("worker-control", ["worker", "start", "--pool", CONTROL_POOL], repo)
             fault_file = root / "fault"
             train_env = env | {"PYTHONPATH": str(hook_dir), "UBO_TEST_FAULT_FILE": str(fault_file)}
@@ -487,3 +480,15 @@ def test_tune_fans_studies_out_to_the_workers_and_records_every_trial(stack):
         chosen = json.loads(study.data.tags[TAG_CHOSEN])
         assert set(chosen) == {"lr", "epochs"} and 1 <= chosen["epochs"] <= 4
         assert f"    {study.data.tags['method']}:" in block
+
+
+def test_a_second_local_run_on_the_same_prefect_home_is_refused(tmp_path):
+    """Two `python -m flows.local` runs on one .prefect/ would share one SQLite database with
+    two servers and reset each other's pool limits: the second stops with a clear message."""
+    first = exclusive_run(tmp_path)
+    try:
+        with pytest.raises(RuntimeError, match=r"flows-local\.lock is locked by .*pid \d+"):
+            exclusive_run(tmp_path)
+    finally:
+        first.close()
+    exclusive_run(tmp_path).close()  # released with the first run's file
