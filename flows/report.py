@@ -22,6 +22,7 @@ import sys
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 
 import mlflow
@@ -97,6 +98,7 @@ class Study:
     missing: list[str] = field(default_factory=list)
     other_versions: int = 0  # finished runs of the grid's cells not selected (other keys)
     code_version: str = ""
+    pinned: bool = False  # code_version given on the command line, not the checkout's
     data_versions: dict[str, str] = field(default_factory=dict)
     mode: str = ""
     seeds: tuple[int, ...] = SEEDS
@@ -109,14 +111,17 @@ def collect(
     datasets: Sequence[str] = DATASETS,
     methods: Sequence[str] = tuple(METHODS),
     seeds: Sequence[int] = SEEDS,
+    code_version: str | None = None,
 ) -> Study:
+    """The runs of the grid at the checkout's code version, or at `code_version`."""
     params = load_params(repo / "params.yaml")
     experiment_id = tracking.get_experiment_id(experiment, repo)
     client = MlflowClient()
     processed = tracking._processed_dir(params.data.processed_dir, repo)
     rows, missing, selected = [], [], set()
     study = Study(runs=pd.DataFrame())
-    study.code_version = tracking.code_version(repo)
+    study.code_version = code_version or tracking.code_version(repo)
+    study.pinned = code_version is not None
     study.mode = params.train.mode
     study.seeds = tuple(seeds)
     study.tuned = bool(params.datasets)
@@ -125,7 +130,7 @@ def collect(
         for method in methods:
             for seed in seeds:
                 run_id = tracking.finished_run_for(
-                    params, repo, experiment_id, dataset, method, seed, {}
+                    params, repo, experiment_id, dataset, method, seed, {}, study.code_version
                 )
                 if run_id is None:
                     missing.append(f"{dataset}/{method}/seed{seed}")
@@ -150,6 +155,7 @@ def collect(
                         "start": run.info.start_time,
                         "end": run.info.end_time,
                         "commit": tags.get(tracking.TAG_COMMIT, "unknown"),
+                        "parent": tags.get(tracking.PARENT_TAG, ""),
                         "machine": tags.get(tracking.TAG_MACHINE, "unknown"),
                         "device": tags.get("device", "unknown"),
                         "epochs": int(run.data.params.get("train.epochs", 0)),
@@ -406,18 +412,43 @@ def pcc_table(study: Study, dataset: str) -> str:
     return "\n".join(lines)
 
 
+def _invocations(runs: pd.DataFrame) -> str:
+    """Per `ubo/full-benchmark` invocation (parent run) whose runs were selected: how many and
+    the span from its first selected run's start to its last one's end. A rerun trains only
+    the cells whose run key changed, so one table can hold runs of several invocations."""
+    spans = (
+        runs.groupby("parent", sort=False)
+        .agg(n=("run_id", "size"), start=("start", "min"), end=("end", "max"))
+        .sort_values("start")
+    )
+    parts = [
+        f"{row.n} runs from {_utc(row.start)} to {_utc(row.end)} UTC "
+        f"({(row.end - row.start) / 3.6e6:.2f} h)"
+        for row in spans.itertuples()
+    ]
+    head = "one benchmark invocation" if len(parts) == 1 else f"{len(parts)} benchmark invocations"
+    return f"{head}: " + "; ".join(parts)
+
+
+def _utc(ms: float) -> str:
+    return datetime.fromtimestamp(ms / 1000, UTC).strftime("%Y-%m-%d %H:%M")
+
+
 def render(study: Study, discussion: str = "") -> str:
     runs = study.runs
     table = summary(runs)
-    span_hours = (runs["end"].max() - runs["start"].min()) / 3.6e6
     machines = sorted(set(runs["machine"]))
     commits = sorted(set(runs["commit"]))
     parts = [
         "# Results: the UBO study, regenerated",
         "",
-        "Written by `python -m flows.report` (`make report`) from the MLflow runs of "
-        "`ubo/full-benchmark`; do not edit by hand (the discussion at the end comes from "
-        "`docs/results_discussion.md`).",
+        (
+            f"Written by `python -m flows.report --code-version {study.code_version}` "
+            if study.pinned
+            else "Written by `python -m flows.report` (`make report`) "
+        )
+        + "from the MLflow runs of `ubo/full-benchmark`; do not edit by hand (the discussion "
+        "at the end comes from `docs/results_discussion.md`).",
         "",
         "## What ran",
         "",
@@ -431,8 +462,9 @@ def render(study: Study, discussion: str = "") -> str:
             if study.tuned
             else "params.yaml defaults, **untuned** (no `datasets:` block in params.yaml)."
         ),
-        f"- Code version: `{study.code_version}` (a hash of ubo_core at HEAD); git commits of the "
-        f"runs: {', '.join(f'`{c[:12]}`' for c in commits)}."
+        f"- Code version: `{study.code_version}` (a hash of the git tree of ubo_core"
+        + (", given on the command line" if study.pinned else " at HEAD")
+        + f"); git commits of the runs: {', '.join(f'`{c[:12]}`' for c in commits)}."
         + (
             " **Not a git checkout: runs of different code cannot be told apart here.**"
             if study.code_version == "unknown"
@@ -444,9 +476,9 @@ def render(study: Study, discussion: str = "") -> str:
         f"- Finished runs of the same cells with another code, data or configuration version "
         f"in the store, left out: {study.other_versions}.",
         f"- Machine: {'; '.join(machines)}; devices: {', '.join(sorted(set(runs['device'])))}.",
-        f"- Wall time: {span_hours:.2f} h from the first run's start to the last run's end; "
-        f"sum of run times {runs['wall_seconds'].sum() / 3600:.2f} h, of which training "
-        f"(evaluation excluded) {runs['train_seconds'].sum() / 3600:.2f} h.",
+        f"- Wall time: {_invocations(runs)}; sum of run times "
+        f"{runs['wall_seconds'].sum() / 3600:.2f} h, of which training (evaluation excluded) "
+        f"{runs['train_seconds'].sum() / 3600:.2f} h.",
         "",
     ]
     per_dataset = (
@@ -643,13 +675,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--datasets", nargs="+", default=list(DATASETS))
     parser.add_argument("--methods", nargs="+", default=list(METHODS))
     parser.add_argument("--seeds", nargs="+", type=int, default=list(SEEDS))
+    parser.add_argument(
+        "--code-version",
+        default=None,
+        help="report the runs of this code version (as RESULTS.md names it) instead of the "
+        "checkout's: ubo_core may have changed since the study ran",
+    )
     args = parser.parse_args(argv)
     repo = Path(os.environ.get("UBO_REPO", REPO)).resolve()
     tracking.configure(args.tracking_uri, repo)
     try:
-        study = collect(repo, args.experiment, args.datasets, args.methods, args.seeds)
+        study = collect(
+            repo, args.experiment, args.datasets, args.methods, args.seeds, args.code_version
+        )
         if study.runs.empty:
-            raise UboError(f"no finished run of the current code and data in {args.experiment!r}")
+            raise UboError(
+                f"no finished run of code version {study.code_version} and the current data "
+                f"and params.yaml in {args.experiment!r}"
+            )
         if study.missing and not args.allow_partial:
             raise UboError(
                 f"{len(study.missing)} run(s) of the current code, data and params.yaml are not "

@@ -509,12 +509,18 @@ class _Identity:
 
 
 def _identity(
-    params: Params, repo: Path, dataset: str, method: str, seed: int, overrides: dict | None
+    params: Params,
+    repo: Path,
+    dataset: str,
+    method: str,
+    seed: int,
+    overrides: dict | None,
+    code: str | None = None,
 ) -> _Identity:
     train, hyper = resolve_config(params, dataset, method, overrides)
     config = resolved_config(train, hyper)
     processed_dir = _processed_dir(params.data.processed_dir, repo)
-    code = code_version(repo)
+    code = code or code_version(repo)
     data = data_version(processed_dir, dataset, repo)
     key = run_key(dataset, method, seed, config, code, data)
     return _Identity(train, hyper, config, processed_dir, code, data, key)
@@ -886,10 +892,12 @@ def finished_run_for(
     method: str,
     seed: int,
     overrides: dict | None,
+    code: str | None = None,
 ) -> str | None:
     """Id of the FINISHED run `train_and_log` would reuse for these arguments, else None (the
-    same run key: resolved config, code version and data version)."""
-    key = _identity(params, Path(repo), dataset, method, seed, overrides).key
+    same run key: resolved config, code version and data version). `code` names another code
+    version than the checkout's (`code_version`), e.g. the one a committed report was made of."""
+    key = _identity(params, Path(repo), dataset, method, seed, overrides, code).key
     run = find_finished_run(experiment_id, key)
     return run.info.run_id if run is not None else None
 

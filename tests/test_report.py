@@ -159,7 +159,7 @@ def test_report_never_mixes_versions_and_refuses_missing_runs(study_store, tmp_p
         study = report.collect(study_store, "study", DATASETS, METHODS, SEEDS)
         assert study.runs.empty and len(study.missing) == 20 and study.other_versions == 20
         assert run_report(study_store, tmp_path) == 1
-        assert "no finished run of the current code and data" in capsys.readouterr().err
+        assert "no finished run of code version" in capsys.readouterr().err
     finally:
         params.write_text(original)
     assert run_report(study_store, tmp_path, "--seeds", "0", "1", "2") == 1  # seed 2 missing
@@ -169,3 +169,18 @@ def test_report_never_mixes_versions_and_refuses_missing_runs(study_store, tmp_p
     )
     assert run_report(study_store, tmp_path, "--seeds", "0", "1", "2", "--allow-partial") == 0
     assert "missing: coat/relmf/seed2" in (tmp_path / "RESULTS.md").read_text()
+
+
+def test_report_pinned_to_a_code_version_selects_only_that_versions_runs(
+    study_store, tmp_path, capsys
+):
+    """After ubo_core changes, `--code-version` (as RESULTS.md names it) still reports the
+    study's runs, and says so; a version without runs is refused."""
+    assert run_report(study_store, tmp_path, "--code-version", "code-0123456789abcdef") == 1
+    assert "no finished run" in capsys.readouterr().err
+    assert not (tmp_path / "RESULTS.md").exists()
+    assert run_report(study_store, tmp_path, "--code-version", "unknown") == 0
+    text = (tmp_path / "RESULTS.md").read_text()
+    assert "Written by `python -m flows.report --code-version unknown` from" in text
+    assert "Code version: `unknown` (a hash of the git tree of ubo_core, given on the" in text
+    assert "Runs: 20 " in text and "one benchmark invocation: 20 runs from " in text
