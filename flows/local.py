@@ -32,7 +32,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
-import psutil  # a dependency of dvc, which the project pins
+import psutil
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
