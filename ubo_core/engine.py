@@ -144,7 +144,7 @@ class PairSampler:
         shuffled = index[order]
         n_items = self.tensors.n_items
         for chunk in shuffled.split(self.batch_size):
-            yield Batch(chunk // n_items, chunk % n_items, self.flat_labels[chunk])
+            yield Batch(chunk // n_items, chunk % n_items, self.flat_labels.index_select(0, chunk))
 
 
 class BlockSampler:
@@ -183,7 +183,7 @@ class TripleSampler:
             ]
         )[:n_triples]
         for chunk in order.split(self.batch_size):
-            users, items = t.pos_users[chunk], t.pos_items[chunk]
+            users, items = t.pos_users.index_select(0, chunk), t.pos_items.index_select(0, chunk)
             yield Batch(users, items, t.labels[users, items], negatives=self.negatives(users))
 
     def negatives(self, users: Tensor) -> Tensor:

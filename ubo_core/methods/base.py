@@ -73,14 +73,15 @@ def embedding(
 
 def pair_dot(left: Tensor, right: Tensor, users: Tensor, items: Tensor | None) -> Tensor:
     """w_u . w_i for pairs (items (B,) -> (B,)) or against all items (items None -> (B, M))."""
+    user_rows = left.index_select(0, users)
     if items is None:
-        return left[users] @ right.T
-    return (left[users] * right[items]).sum(-1)
+        return user_rows @ right.T
+    return (user_rows * right.index_select(0, items)).sum(-1)
 
 
 def gather_items(values: Tensor, items: Tensor | None) -> Tensor:
     """Per-item values for the batch: (M,) broadcast over a block, or (B,) for pairs."""
-    return values if items is None else values[items]
+    return values if items is None else values.index_select(0, items)
 
 
 def popularity_exposure(tensors: TrainingTensors) -> Tensor:
@@ -122,9 +123,9 @@ class ExposureNet:
         return [self.user_emb, self.gate_weight, self.gate_bias]
 
     def __call__(self, item_emb: Tensor, users: Tensor, items: Tensor | None) -> Tensor:
-        item_rows = item_emb if items is None else item_emb[items]
+        item_rows = item_emb if items is None else item_emb.index_select(0, items)
         return exposure_from_rows(
-            self.user_emb[users],
+            self.user_emb.index_select(0, users),
             item_rows,
             self.gate_weight,
             self.gate_bias,

@@ -211,7 +211,7 @@ class ExposureMF(Method):
         pick = torch.randint(
             t.val_users.numel(), (size,), generator=self.generator, device=self.device
         )
-        return t.val_users[pick], t.val_items[pick], t.val_labels[pick]
+        return tuple(x.index_select(0, pick) for x in (t.val_users, t.val_items, t.val_labels))
 
     def _exposure_update(self, rows: StepRows, grads: tuple[Tensor | None, ...] | list) -> None:
         leaves = rows.exposure_leaves()

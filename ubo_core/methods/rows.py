@@ -11,6 +11,11 @@ those, and `RowAdam` applies the update to those rows.
 With `lazy=True` it has `torch.optim.SparseAdam` semantics: only the batch's rows and their
 moments change (bias correction still uses the global step count), which makes a step
 O(batch) instead of O(table).
+
+Rows are read with `index_select` and written with `index_copy_`/`index_add_`, not with
+`table[index]` and `table[index] = ...`: on the CPU, advanced indexing goes through a generic
+gather kernel that is 3-4x slower for (1024, 50) rows, and it was the largest share of a
+paper-mode step (torch.profiler; docs/PERFORMANCE.md).
 """
 
 from __future__ import annotations
@@ -40,13 +45,13 @@ class RowSubset:
         self.rows = rows
         self.local = local[: index.numel()]
         self.extra_local = None if extra is None else local[index.numel() :]
-        self.values = table.detach()[rows].requires_grad_()
+        self.values = table.detach().index_select(0, rows).requires_grad_()
 
     def gather(self, values: Tensor | None = None, which: str = "index") -> Tensor:
         """Rows for `index` (or `extra`), taken from `values` (default: the leaf)."""
         source = self.values if values is None else values
         local = self.local if which == "index" else self.extra_local
-        return source if local is None else source[local]
+        return source if local is None else source.index_select(0, local)
 
 
 class RowAdam:
@@ -70,15 +75,14 @@ class RowAdam:
             self.params, self.exp_avg, self.exp_avg_sq, grads, strict=True
         ):
             if rows is not None and not self.lazy:
-                full = torch.zeros_like(param)
-                full.index_put_((rows,), grad, accumulate=True)
-                rows, grad = None, full
+                rows, grad = None, torch.zeros_like(param).index_add_(0, rows, grad)
             if rows is None:
                 self._update(param, m, v, grad, bias1, bias2_sqrt)
             else:
-                p_rows, m_rows, v_rows = param[rows], m[rows], v[rows]
+                p_rows, m_rows, v_rows = (t.index_select(0, rows) for t in (param, m, v))
                 self._update(p_rows, m_rows, v_rows, grad, bias1, bias2_sqrt)
-                param[rows], m[rows], v[rows] = p_rows, m_rows, v_rows
+                for table, values in ((param, p_rows), (m, m_rows), (v, v_rows)):
+                    table.index_copy_(0, rows, values)
 
     def _update(
         self, p: Tensor, m: Tensor, v: Tensor, grad: Tensor, bias1: float, bias2_sqrt: float
