@@ -118,7 +118,7 @@ def method_speed(tensors: TrainingTensors, name: str, mode: str, steps: int, dev
         while time.perf_counter() - started < 2.0:
             for batch in sampler.epoch():
                 method.step(batch)
-                pairs += examples(batch)
+                pairs += batch.n_examples
         _sync(tensors.device)
         return pairs / (time.perf_counter() - started)
     batches = sampler.epoch()
@@ -129,16 +129,9 @@ def method_speed(tensors: TrainingTensors, name: str, mode: str, steps: int, dev
     for _ in range(steps):
         batch = next(batches)
         method.step(batch)
-        pairs += examples(batch)
+        pairs += batch.n_examples
     _sync(tensors.device)
     return pairs / (time.perf_counter() - started)
-
-
-def examples(batch) -> int:
-    """Pairs a step trained on (triples for BPR, whose dense batches name a block of users)."""
-    if batch.negatives is not None:
-        return batch.negatives.numel()
-    return batch.users.numel() if batch.weight is None else batch.weight.numel()
 
 
 def _sync(device: torch.device) -> None:

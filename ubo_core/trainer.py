@@ -100,10 +100,7 @@ def fit(
             for name, value in method.step(batch).items():
                 sums[name] = sums.get(name, 0) + value
             epoch_steps += 1
-            if batch.negatives is not None:
-                pairs += batch.negatives.numel()  # triples
-            else:
-                pairs += batch.users.numel() if batch.weight is None else batch.weight.numel()
+            pairs += batch.n_examples
         losses = {name: float(total) / epoch_steps for name, total in sums.items()}  # one sync
         diverged = [name for name, value in losses.items() if not np.isfinite(value)]
         if diverged:
