@@ -146,9 +146,20 @@ class PairSampler:
         index = self.tensors.pair_index
         order = torch.randperm(index.numel(), generator=self.generator, device=index.device)
         shuffled = index[order]
+        del order
+        # Users, items and labels of the whole epoch at once: three passes over 15M pairs
+        # cost less than three small ops on each of Yahoo's 15,000 steps.
         n_items = self.tensors.n_items
-        for chunk in shuffled.split(self.batch_size):
-            yield Batch(chunk // n_items, chunk % n_items, self.flat_labels.index_select(0, chunk))
+        users, items = shuffled // n_items, shuffled % n_items
+        labels = self.flat_labels.index_select(0, shuffled)
+        del shuffled
+        for user, item, label in zip(
+            users.split(self.batch_size),
+            items.split(self.batch_size),
+            labels.split(self.batch_size),
+            strict=True,
+        ):
+            yield Batch(user, item, label)
 
 
 class BlockSampler:

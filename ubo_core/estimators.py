@@ -7,6 +7,8 @@ loss; callers reduce. Logits rather than p keep log p and log(1 - p) exact for l
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -34,6 +36,61 @@ def low_variance_loss(logit: Tensor, exposure: Tensor, label: Tensor) -> Tensor:
     log_mp = torch.log(exposure.clamp_min(_MIN_EXPOSURE)) + F.logsigmoid(logit)
     one_minus_mp = (1.0 - exposure * torch.sigmoid(logit)).clamp_min(_MIN_ONE_MINUS)
     return -(label * log_mp + (1.0 - label) * torch.log(one_minus_mp))
+
+
+def ips_loss_slope(logit: Tensor, exposure: Tensor, label: Tensor) -> Tensor:
+    """dL1/ds of `ips_loss` per pair, in closed form: sigmoid(s) - y/m."""
+    return torch.sigmoid(logit) - label / exposure
+
+
+def low_variance_slope(logit: Tensor, exposure: Tensor, label: Tensor) -> Tensor:
+    """dL2/ds of `low_variance_loss` per pair (UMF's fast step): the `s` of
+    `low_variance_derivatives` without the rest."""
+    p = torch.sigmoid(logit)
+    one_minus_raw = 1.0 - exposure * p
+    negative = (1.0 - label) * (one_minus_raw >= _MIN_ONE_MINUS)
+    return label * (p - 1.0) + negative * exposure * p * (1.0 - p) / one_minus_raw.clamp_min(
+        _MIN_ONE_MINUS
+    )
+
+
+@dataclass(frozen=True)
+class LowVarianceDerivatives:
+    """Partial derivatives of `low_variance_loss` per pair in its logit s and exposure m,
+    with the clamps' zero-gradient regions as autograd sees them (hand-derived steps use
+    them instead of autograd; tests compare the two):
+
+        l_s  = -y (1 - p) + (1 - y) m p (1 - p) / (1 - m p)
+        l_m  = -y / m + (1 - y) p / (1 - m p)
+        l_sm = (1 - y) p (1 - p) / (1 - m p)^2
+        l_mm = y / m^2 + (1 - y) p^2 / (1 - m p)^2
+    """
+
+    s: Tensor
+    m: Tensor
+    sm: Tensor | None = None
+    mm: Tensor | None = None
+
+
+def low_variance_derivatives(
+    logit: Tensor, exposure: Tensor, label: Tensor, second_order: bool = False
+) -> LowVarianceDerivatives:
+    p = torch.sigmoid(logit)
+    one_minus_raw = 1.0 - exposure * p
+    # clamp_min passes the gradient where its input is >= the floor and blocks it below.
+    negative = (1.0 - label) * (one_minus_raw >= _MIN_ONE_MINUS)
+    positive = label * (exposure >= _MIN_EXPOSURE)
+    inv_one_minus = 1.0 / one_minus_raw.clamp_min(_MIN_ONE_MINUS)
+    inv_exposure = 1.0 / exposure.clamp_min(_MIN_EXPOSURE)
+    slope_p = p * (1.0 - p)
+    neg_p = negative * p * inv_one_minus  # (1 - y) p / (1 - m p)
+    d_s = label * (p - 1.0) + neg_p * exposure * (1.0 - p)
+    d_m = neg_p - positive * inv_exposure
+    if not second_order:
+        return LowVarianceDerivatives(d_s, d_m)
+    d_sm = negative * slope_p * inv_one_minus**2
+    d_mm = positive * inv_exposure**2 + negative * (p * inv_one_minus) ** 2
+    return LowVarianceDerivatives(d_s, d_m, d_sm, d_mm)
 
 
 def log_loss(logit: Tensor, label: Tensor) -> Tensor:

@@ -26,7 +26,7 @@ from torch import Tensor
 from ubo_core.config import TrainConfig
 from ubo_core.engine import Batch, TrainingTensors
 from ubo_core.errors import ConfigError
-from ubo_core.estimators import log_loss, low_variance_loss
+from ubo_core.estimators import log_loss, low_variance_derivatives, low_variance_loss
 from ubo_core.methods.base import (
     ExposureNet,
     Method,
@@ -36,7 +36,7 @@ from ubo_core.methods.base import (
     pair_dot,
     row_logits,
 )
-from ubo_core.methods.rows import RowAdam, RowSubset
+from ubo_core.methods.rows import RowAdam, RowSubset, unique_rows
 
 
 @dataclass(frozen=True)
@@ -75,6 +75,37 @@ class StepRows:
 
 
 OuterLoss = Callable[[Tensor, Tensor, StepRows, Batch], Tensor]
+
+
+@dataclass
+class PairTerms:
+    """Per-pair quantities of L2 with m_a at the current parameters, for the hand-derived
+    paper-mode steps: w_u, w_i, e_u rows (B, d); s = w_u . w_i; q = sigmoid(e_u . w_i);
+    r = sigmoid(w_i . g + b); m = r q + (1 - r) theta_i."""
+
+    user_rows: Tensor
+    item_rows: Tensor
+    exposure_rows: Tensor
+    gate_weight: Tensor  # g as a (1, d) row
+    logits: Tensor
+    personal: Tensor
+    gate: Tensor
+    theta: Tensor
+    exposure: Tensor
+
+    @property
+    def personal_slope(self) -> Tensor:  # q' = q (1 - q)
+        return self.personal * (1.0 - self.personal)
+
+    @property
+    def gate_slope(self) -> Tensor:  # r' = r (1 - r)
+        return self.gate * (1.0 - self.gate)
+
+    def exposure_item_slope(self) -> Tensor:
+        """dm/dw_i = r q' e_u + (q - theta) r' g, (B, d)."""
+        personal_coef = (self.gate * self.personal_slope).unsqueeze(-1)
+        gate_coef = ((self.personal - self.theta) * self.gate_slope).unsqueeze(-1)
+        return personal_coef * self.exposure_rows + gate_coef * self.gate_weight
 
 
 class ExposureMF(Method):
@@ -150,8 +181,19 @@ class ExposureMF(Method):
         return batch.reduce_mean(per_pair) if reduce == "mean" else batch.reduce_sum(per_pair)
 
     # -- update rules the four methods compose -------------------------------------------
+    # Each rule has a hand-derived form for paper mode's pairs (`pair_*`, gradients in closed
+    # form, no autograd graph: several times fewer operations per step) and the autograd
+    # form, which dense mode uses and tests compare the hand-derived one with
+    # (`hand_derived = False` makes paper mode use it too).
+    hand_derived = True
+
+    def _use_hand_derived(self, batch: Batch) -> bool:
+        return self.hand_derived and batch.items is not None
+
     def relevance_step(self, batch: Batch) -> Tensor:
         """Adam step of w on L_train(w, a) with a held fixed."""
+        if self._use_hand_derived(batch):
+            return self.pair_relevance_step(batch)
         rows = self.rows(batch)
         loss = self.rows_loss(rows.users.values, rows.items.values, rows, batch, "mean")
         grads = torch.autograd.grad(loss, [rows.users.values, rows.items.values])
@@ -160,6 +202,8 @@ class ExposureMF(Method):
 
     def exposure_step_on_train(self, batch: Batch) -> Tensor:
         """Adam step of a on L_train(w, a) with w held fixed (AlterOpt)."""
+        if self._use_hand_derived(batch):
+            return self.pair_exposure_step(batch)
         rows = self.rows(batch)
         loss = self.rows_loss(
             rows.users.values.detach(), rows.items.values.detach(), rows, batch, "mean"
@@ -169,6 +213,8 @@ class ExposureMF(Method):
 
     def joint_step(self, batch: Batch) -> Tensor:
         """One Adam step of w and a together on L_train(w, a) (JointOpt)."""
+        if self._use_hand_derived(batch):
+            return self.pair_joint_step(batch)
         rows = self.rows(batch)
         loss = self.rows_loss(rows.users.values, rows.items.values, rows, batch, "mean")
         leaves = [rows.users.values, rows.items.values, *rows.exposure_leaves()]
@@ -192,6 +238,12 @@ class ExposureMF(Method):
         hypergrad = torch.autograd.grad(outer_loss, rows.exposure_leaves(), allow_unused=True)
         self._exposure_update(rows, hypergrad)
         return outer_loss.detach()
+
+    def validation_bilevel_step(self, batch: Batch) -> Tensor:
+        """UBO's exposure update: the bi-level step with the validation log loss as outer."""
+        if self._use_hand_derived(batch):
+            return self.pair_validation_bilevel_step(batch)
+        return self.bilevel_exposure_step(batch, self.validation_outer, with_validation=True)
 
     def validation_outer(
         self, user_next: Tensor, item_next: Tensor, rows: StepRows, batch: Batch
@@ -220,6 +272,165 @@ class ExposureMF(Method):
             for leaf, g in zip(leaves, grads, strict=True)
         ]
         self.exposure_optimizer.step(list(zip(rows.exposure_rows(), filled, strict=True)))
+
+    # -- hand-derived paper-mode steps ---------------------------------------------------
+    def pair_terms(
+        self, batch: Batch, user_rows: Tensor | None = None, item_rows: Tensor | None = None
+    ) -> PairTerms:
+        assert batch.items is not None
+        if user_rows is None:
+            user_rows = self.user_emb.detach().index_select(0, batch.users)
+        if item_rows is None:
+            item_rows = self.item_emb.detach().index_select(0, batch.items)
+        exposure_rows = self.exposure_user_emb.detach().index_select(0, batch.users)
+        gate_weight = self.gate_weight.detach()
+        # The same operations as `exposure_from_rows`, so m is the same number.
+        gate = torch.sigmoid(item_rows @ gate_weight + self.gate_bias.detach()).squeeze(-1)
+        personal = torch.sigmoid((exposure_rows * item_rows).sum(-1))
+        theta = self.exposure_net.theta.index_select(0, batch.items)
+        return PairTerms(
+            user_rows,
+            item_rows,
+            exposure_rows,
+            gate_weight.view(1, -1),
+            (user_rows * item_rows).sum(-1),
+            personal,
+            gate,
+            theta,
+            gate * personal + (1.0 - gate) * theta,
+        )
+
+    def exposure_gradients(
+        self, terms: PairTerms, coef_e: Tensor, coef_gate: Tensor, users: Tensor
+    ) -> list[tuple[Tensor | None, Tensor]]:
+        """Per-pair gradient c_e w_i of the exposure user rows and the gate's summed
+        gradients (sum c_g w_i, sum c_g), as `RowAdam.step_pairs` takes them."""
+        return [
+            (users, coef_e.unsqueeze(-1) * terms.item_rows),
+            (None, (coef_gate @ terms.item_rows).view_as(self.gate_weight)),
+            (None, coef_gate.sum().view_as(self.gate_bias)),
+        ]
+
+    def train_exposure_gradients(
+        self, terms: PairTerms, loss_m: Tensor, users: Tensor
+    ) -> list[tuple[Tensor | None, Tensor]]:
+        """dL/da from l_m: dm/de_u = r q' w_i, dm/dg = (q - theta) r' w_i and
+        dm/db = (q - theta) r'."""
+        coef_e = loss_m * terms.gate * terms.personal_slope
+        coef_gate = loss_m * (terms.personal - terms.theta) * terms.gate_slope
+        return self.exposure_gradients(terms, coef_e, coef_gate, users)
+
+    def relevance_gradients(
+        self, terms: PairTerms, loss_s: Tensor, loss_m: Tensor, batch: Batch
+    ) -> list[tuple[Tensor | None, Tensor]]:
+        """dL/dw_u = l_s w_i; dL/dw_i = l_s w_u + l_m dm/dw_i (m depends on w_i, Eq. 13)."""
+        assert batch.items is not None
+        slope = loss_s.unsqueeze(-1)
+        item_grad = slope * terms.user_rows + loss_m.unsqueeze(-1) * terms.exposure_item_slope()
+        return [(batch.users, slope * terms.item_rows), (batch.items, item_grad)]
+
+    def pair_relevance_step(self, batch: Batch) -> Tensor:
+        terms = self.pair_terms(batch)
+        d = low_variance_derivatives(terms.logits, terms.exposure, batch.labels)
+        n = batch.labels.numel()
+        self.relevance_optimizer.step_pairs(
+            self.relevance_gradients(terms, d.s / n, d.m / n, batch)
+        )
+        return low_variance_loss(terms.logits, terms.exposure, batch.labels).mean()
+
+    def pair_exposure_step(self, batch: Batch) -> Tensor:
+        terms = self.pair_terms(batch)
+        d = low_variance_derivatives(terms.logits, terms.exposure, batch.labels)
+        n = batch.labels.numel()
+        self.exposure_optimizer.step_pairs(
+            self.train_exposure_gradients(terms, d.m / n, batch.users)
+        )
+        return low_variance_loss(terms.logits, terms.exposure, batch.labels).mean()
+
+    def pair_joint_step(self, batch: Batch) -> Tensor:
+        terms = self.pair_terms(batch)
+        d = low_variance_derivatives(terms.logits, terms.exposure, batch.labels)
+        n = batch.labels.numel()
+        loss_s, loss_m = d.s / n, d.m / n
+        self.relevance_optimizer.step_pairs(self.relevance_gradients(terms, loss_s, loss_m, batch))
+        self.exposure_optimizer.step_pairs(
+            self.train_exposure_gradients(terms, loss_m, batch.users)
+        )
+        return low_variance_loss(terms.logits, terms.exposure, batch.labels).mean()
+
+    def pair_validation_bilevel_step(self, batch: Batch) -> Tensor:
+        """UBO's exposure step with the hypergradient in closed form.
+
+        With G_u = sum l_s w_i and G_i = sum (l_s w_u + l_m dm/dw_i) the inner gradients
+        (batch-summed), w' = w - eta G; A_u, A_i = dL_val/dw'_u, dL_val/dw'_i (first order,
+        from the validation pairs at w'). Then dL_val/da = -eta sum over training pairs of
+            C dm/da + l_m dk/da,
+        with k = A_i . dm/dw_i = r q' (A_i . e_u) + (q - theta) r' (A_i . g) and
+        C = l_sm (A_u . w_i + A_i . w_u) + l_mm k (l_sm, l_mm: second derivatives of L2).
+        Spelled out, with q'' = q'(1 - 2q), r'' = r'(1 - 2r), ae = A_i . e_u, ag = A_i . g:
+            dk/de_u = (r q'' ae + r' q' ag) w_i + r q' A_i
+            dk/dg   = (r' q' ae + (q - theta) r'' ag) w_i + (q - theta) r' A_i,  dk/db the
+                      coefficient of w_i in dk/dg.
+        tests/test_bilevel.py checks this step against autograd of the unrolled step and
+        finite differences."""
+        assert batch.items is not None
+        val_users, val_items, val_labels = self.validation_batch()
+        n_train = batch.users.numel()
+        user_rows, user_local = unique_rows(
+            torch.cat([batch.users, val_users]), self.user_emb.shape[0]
+        )
+        item_rows, item_local = unique_rows(
+            torch.cat([batch.items, val_items]), self.item_emb.shape[0]
+        )
+        user_values = self.user_emb.detach().index_select(0, user_rows)
+        item_values = self.item_emb.detach().index_select(0, item_rows)
+        train_user, val_user = user_local[:n_train], user_local[n_train:]
+        train_item, val_item = item_local[:n_train], item_local[n_train:]
+        terms = self.pair_terms(
+            batch, user_values.index_select(0, train_user), item_values.index_select(0, train_item)
+        )
+        d = low_variance_derivatives(terms.logits, terms.exposure, batch.labels, True)
+        assert d.sm is not None and d.mm is not None
+        loss_s, loss_m = d.s.unsqueeze(-1), d.m.unsqueeze(-1)
+        dm_ditem = terms.exposure_item_slope()
+        eta = self.inner_lr
+        user_next = user_values.index_add(0, train_user, loss_s * terms.item_rows, alpha=-eta)
+        item_next = item_values.index_add(
+            0, train_item, loss_s * terms.user_rows + loss_m * dm_ditem, alpha=-eta
+        )
+        val_user_rows = user_next.index_select(0, val_user)
+        val_item_rows = item_next.index_select(0, val_item)
+        val_logits = (val_user_rows * val_item_rows).sum(-1)
+        outer_loss = log_loss(val_logits, val_labels).sum()
+        residual = (torch.sigmoid(val_logits) - val_labels).unsqueeze(-1)
+        adjoint_user = torch.zeros_like(user_values).index_add_(
+            0, val_user, residual * val_item_rows
+        )
+        adjoint_item = torch.zeros_like(item_values).index_add_(
+            0, val_item, residual * val_user_rows
+        )
+        a_user = adjoint_user.index_select(0, train_user)
+        a_item = adjoint_item.index_select(0, train_item)
+
+        q, r, gap = terms.personal, terms.gate, terms.personal - terms.theta
+        q1, r1 = terms.personal_slope, terms.gate_slope
+        q2, r2 = q1 * (1.0 - 2.0 * q), r1 * (1.0 - 2.0 * r)
+        ae = (a_item * terms.exposure_rows).sum(-1)
+        ag = (a_item * terms.gate_weight).sum(-1)
+        k = r * q1 * ae + gap * r1 * ag
+        coupling = (a_user * terms.item_rows).sum(-1) + (a_item * terms.user_rows).sum(-1)
+        c = d.sm * coupling + d.mm * k
+        lm = d.m
+        coef_e = -eta * (c * r * q1 + lm * (r * q2 * ae + r1 * q1 * ag))
+        coef_gate = -eta * (c * gap * r1 + lm * (r1 * q1 * ae + gap * r2 * ag))
+        grads = self.exposure_gradients(terms, coef_e, coef_gate, batch.users)
+        # The A_i terms of dk/de_u and dk/dg (not along w_i).
+        along_adjoint = (-eta * lm).unsqueeze(-1) * a_item
+        grads[0] = (batch.users, grads[0][1] + (r * q1).unsqueeze(-1) * along_adjoint)
+        gate_extra = (gap * r1).unsqueeze(-1) * along_adjoint
+        grads[1] = (None, grads[1][1] + gate_extra.sum(0).view_as(self.gate_weight))
+        self.exposure_optimizer.step_pairs(grads)
+        return outer_loss
 
     # -- the interface ---------------------------------------------------------------------
     def scores(self, users: Tensor) -> Tensor:

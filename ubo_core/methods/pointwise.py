@@ -20,6 +20,8 @@ class FixedExposureMF(Method):
     """Subclasses set `loss` (per pair: logits, exposure, labels) and `fixed_exposure`."""
 
     loss: Loss
+    loss_slope: Loss  # d loss / d logit per pair, in closed form (paper mode's fast step)
+    hand_derived = True  # False: paper mode through autograd (the reference, for tests)
 
     def __init__(
         self, tensors: TrainingTensors, train: TrainConfig, hyper: Any, generator: torch.Generator
@@ -40,6 +42,8 @@ class FixedExposureMF(Method):
         raise NotImplementedError
 
     def step(self, batch: Batch) -> dict[str, Tensor]:
+        if batch.items is not None and self.hand_derived:
+            return self.pair_step(batch)
         users = RowSubset(self.user_emb, batch.users)
         items = RowSubset(self.item_emb, batch.items)
         pairs = batch.items is not None
@@ -49,6 +53,23 @@ class FixedExposureMF(Method):
         grad_users, grad_items = torch.autograd.grad(loss, [users.values, items.values])
         self.optimizer.step([(users.rows, grad_users), (items.rows, grad_items)])
         return {"train_loss": loss.detach()}
+
+    def pair_step(self, batch: Batch) -> dict[str, Tensor]:
+        """Paper mode with the gradient in closed form: dloss/dw_u = l_s w_i and
+        dloss/dw_i = l_s w_u per pair (l_s = dloss/ds from `loss_slope`), so no autograd
+        graph is built; equal to the autograd step up to rounding (tests)."""
+        assert batch.items is not None
+        user_rows = self.user_emb.detach().index_select(0, batch.users)
+        item_rows = self.item_emb.detach().index_select(0, batch.items)
+        logits = (user_rows * item_rows).sum(-1)
+        exposure = self.item_exposure.index_select(0, batch.items)
+        slope = type(self).loss_slope(logits, exposure, batch.labels) / batch.labels.numel()
+        slope = slope.unsqueeze(-1)
+        self.optimizer.step_pairs(
+            [(batch.users, slope * item_rows), (batch.items, slope * user_rows)]
+        )
+        loss = type(self).loss(logits, exposure, batch.labels).mean()
+        return {"train_loss": loss}
 
     def scores(self, users: Tensor) -> Tensor:
         return self.relevance.logits(users, None)

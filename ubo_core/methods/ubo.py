@@ -14,6 +14,6 @@ class UBO(ExposureMF):
     name = "ubo"
 
     def step(self, batch: Batch) -> dict[str, Tensor]:
-        val_loss = self.bilevel_exposure_step(batch, self.validation_outer, with_validation=True)
+        val_loss = self.validation_bilevel_step(batch)
         train_loss = self.relevance_step(batch)
         return {"train_loss": train_loss, "outer_loss": val_loss}

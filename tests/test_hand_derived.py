@@ -1,0 +1,193 @@
+"""Paper mode's hand-derived steps against autograd, and the row optimiser against torch's.
+
+Paper mode computes its gradients in closed form (`hand_derived = True`, the default): the
+slopes of the estimators (ubo_core/estimators.py), the per-pair steps of UMF and RelMF
+(methods/pointwise.py) and of the four L2 + m_a methods, UBO's hypergradient included
+(methods/exposure_mf.py). Each is compared here with the autograd form of the same step
+(`hand_derived = False`), from the same state on the same batch, in float64, where the two
+must agree to rounding. tests/test_bilevel.py checks the (default, hand-derived) steps against
+an independent functional reference and finite differences as well.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from planted import planted_feedback
+from torch import nn
+
+from ubo_core.config import TrainConfig
+from ubo_core.engine import PairSampler, TrainingTensors
+from ubo_core.estimators import (
+    ips_loss,
+    ips_loss_slope,
+    low_variance_derivatives,
+    low_variance_loss,
+    low_variance_slope,
+)
+from ubo_core.methods import METHODS
+from ubo_core.methods.rows import RowAdam, unique_rows
+
+HAND_DERIVED = ("umf", "relmf", "ubo", "jointopt", "alteropt", "biopt2")
+
+
+def random_pairs(n: int = 400, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    logit = torch.randn(n, generator=gen, dtype=torch.float64) * 3
+    exposure = torch.rand(n, generator=gen, dtype=torch.float64) * 0.98 + 0.01
+    label = (torch.rand(n, generator=gen, dtype=torch.float64) < 0.4).double()
+    return logit, exposure, label
+
+
+def test_ips_slope_is_autograds():
+    logit, exposure, label = random_pairs()
+    logit.requires_grad_()
+    (expected,) = torch.autograd.grad(ips_loss(logit, exposure, label).sum(), logit)
+    torch.testing.assert_close(ips_loss_slope(logit.detach(), exposure, label), expected)
+
+
+@pytest.mark.parametrize("saturated", [False, True], ids=["interior", "clamped"])
+def test_low_variance_derivatives_are_autograds(saturated):
+    """First and second partials in s and m, including where the loss's clamps cut the
+    gradient (m p -> 1 with sigmoid(s) rounding to 1; m below the floor)."""
+    logit, exposure, label = random_pairs()
+    if saturated:
+        logit[:100] = 40.0  # sigmoid = 1 in float64: 1 - m p hits the floor when m = 1
+        exposure[:50] = 1.0
+        exposure[100:150] = 1e-13
+    logit.requires_grad_()
+    exposure.requires_grad_()
+    loss = low_variance_loss(logit, exposure, label).sum()
+    d_s, d_m = torch.autograd.grad(loss, [logit, exposure], create_graph=True)
+    # Pairs are independent, so the gradient of a sum is the per-pair derivative.
+    (d_sm,) = torch.autograd.grad(d_s.sum(), [exposure], retain_graph=True)
+    (d_mm,) = torch.autograd.grad(d_m.sum(), [exposure])
+    mine = low_variance_derivatives(logit.detach(), exposure.detach(), label, second_order=True)
+    torch.testing.assert_close(mine.s, d_s.detach())
+    torch.testing.assert_close(mine.m, d_m.detach())
+    torch.testing.assert_close(mine.sm, d_sm)
+    torch.testing.assert_close(mine.mm, d_mm)
+    torch.testing.assert_close(low_variance_slope(logit.detach(), exposure.detach(), label), mine.s)
+    if saturated:
+        assert float(mine.m[:50].abs().min()) == 0.0 or bool((label[:50] == 1).all())
+
+
+def test_unique_rows_is_torch_unique():
+    gen = torch.Generator().manual_seed(0)
+    for n_rows in (7, 1000, 15400):
+        index = torch.randint(n_rows, (1024,), generator=gen)
+        rows, local = unique_rows(index, n_rows)
+        expected_rows, expected_local = torch.unique(index, return_inverse=True)
+        assert torch.equal(rows, expected_rows) and torch.equal(local, expected_local)
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, 0.01])
+def test_row_adam_is_torch_adam(weight_decay):
+    """lazy=False: exactly torch.optim.Adam (L2 decay in the gradient) on the whole table."""
+    gen = torch.Generator().manual_seed(1)
+    table = nn.Parameter(torch.randn(30, 4, generator=gen))
+    reference = nn.Parameter(table.detach().clone())
+    mine = RowAdam([table], 1e-2, weight_decay, lazy=False)
+    torch_adam = torch.optim.Adam([reference], lr=1e-2, weight_decay=weight_decay)
+    for _ in range(5):
+        index = torch.randint(30, (12,), generator=gen)
+        grad = torch.randn(12, 4, generator=gen)
+        mine.step_pairs([(index, grad)])
+        torch_adam.zero_grad()
+        reference.grad = torch.zeros_like(reference).index_add_(0, index, grad)
+        torch_adam.step()
+    torch.testing.assert_close(table.detach(), reference.detach(), rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, 0.01])
+def test_lazy_row_adam_is_adam_on_the_touched_rows(weight_decay):
+    """lazy=True (through the fused kernel): Adam's update, with the step count of the whole
+    table for bias correction, applied only to the rows the batch touches (duplicates summed);
+    other rows and their moments do not move. That is torch.optim.SparseAdam's semantics,
+    except that SparseAdam adds eps before its bias correction (compared loosely below)."""
+    gen = torch.Generator().manual_seed(2)
+    start = torch.randn(30, 4, generator=gen, dtype=torch.float64)
+    table = nn.Parameter(start.clone())
+    mine = RowAdam([table], 1e-2, weight_decay, lazy=True)
+    ref = start.clone()
+    exp_avg, exp_avg_sq = torch.zeros_like(ref), torch.zeros_like(ref)
+    embedding = nn.Embedding(30, 4, sparse=True, dtype=torch.float64)
+    embedding.weight.data.copy_(start)
+    sparse_adam = torch.optim.SparseAdam(embedding.parameters(), lr=1e-2)
+    touched = torch.zeros(30, dtype=torch.bool)
+    for step in range(1, 6):
+        index = torch.randint(25, (12,), generator=gen)  # rows 25..29 are never touched
+        grad = torch.randn(12, 4, generator=gen, dtype=torch.float64)
+        touched[index] = True
+        mine.step_pairs([(index, grad)])
+
+        rows = torch.unique(index)
+        g = torch.zeros_like(ref).index_add_(0, index, grad)[rows] + weight_decay * ref[rows]
+        exp_avg[rows] = 0.9 * exp_avg[rows] + 0.1 * g
+        exp_avg_sq[rows] = 0.999 * exp_avg_sq[rows] + 0.001 * g * g
+        denom = (exp_avg_sq[rows] / (1 - 0.999**step)).sqrt() + 1e-8
+        ref[rows] -= 1e-2 / (1 - 0.9**step) * exp_avg[rows] / denom
+
+        sparse_adam.zero_grad()
+        (embedding(index) * grad).sum().backward()
+        sparse_adam.step()
+    torch.testing.assert_close(table.detach(), ref, rtol=1e-12, atol=1e-14)
+    assert torch.equal(table.detach()[~touched], start[~touched])
+    assert not torch.equal(table.detach()[touched], start[touched])
+    if weight_decay == 0.0:
+        torch.testing.assert_close(table.detach(), embedding.weight.detach(), rtol=0, atol=1e-6)
+
+
+def make_pair(name: str, data, optimizer: str, seed: int = 0):
+    """Two float64 copies of one method from the same state: hand-derived and autograd."""
+    train = TrainConfig(
+        dim=5,
+        device="cpu",
+        epochs=1,
+        mode="paper",
+        init_std=0.5,
+        optimizer=optimizer,
+        batch_size=64,
+        val_batch_size=16,
+    )
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        tensors = TrainingTensors(data, torch.device("cpu"))
+        tensors.labels = tensors.labels.double()
+        tensors.val_labels = tensors.val_labels.double()
+        cls = METHODS[name]
+        copies = []
+        for hand in (True, False):
+            method = cls(tensors, train, cls.Hyper(), torch.Generator().manual_seed(seed))
+            method.hand_derived = hand
+            copies.append(method)
+    finally:
+        torch.set_default_dtype(previous)
+    if hasattr(copies[0], "gate_bias"):
+        for method in copies:  # away from the symmetric start, so every term is non-zero
+            method.gate_bias.data.fill_(0.3)
+    return tensors, train, copies
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "lazy_adam"])
+@pytest.mark.parametrize("name", HAND_DERIVED)
+def test_hand_derived_steps_equal_autograd_steps(name, optimizer):
+    """Ten paper-mode steps (batches of 64 pairs, UBO's validation batches of 16 drawn from
+    the method's generator) give the same parameters and losses both ways."""
+    data, _, _ = planted_feedback(n_users=20, n_items=15, n_test_items=4, seed=5)
+    tensors, train, (hand, auto) = make_pair(name, data, optimizer)
+    sampler = PairSampler(tensors, train.batch_size, torch.Generator().manual_seed(9))
+    batches = itertools.chain.from_iterable(sampler.epoch() for _ in range(10))
+    for _ in range(10):
+        batch = next(batches)
+        hand_losses, auto_losses = hand.step(batch), auto.step(batch)
+        for key, value in auto_losses.items():
+            torch.testing.assert_close(hand_losses[key], value, rtol=1e-10, atol=1e-12)
+    for key, value in auto.state().items():
+        torch.testing.assert_close(hand.state()[key], value, rtol=1e-9, atol=1e-11)
+    assert not torch.equal(
+        hand.state()["user_emb"], make_pair(name, data, optimizer)[2][0].state()["user_emb"]
+    )  # the steps moved the parameters
