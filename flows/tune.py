@@ -425,19 +425,25 @@ def tune(
     return block
 
 
-def latest_choices(experiment_id: str) -> dict[str, dict[str, dict[str, Any]]]:
-    """chosen[dataset][method]: the values of the FINISHED study of each pair that a `tune` run
-    started or reused last."""
+def latest_studies(experiment_id: str) -> dict[tuple[str, str], Any]:
+    """The FINISHED study run of each (data set, method) that a `tune` run started or reused
+    last: the one `apply` writes and `summary` shows."""
     runs = tracking._search(
         experiment_id,
         f"tags.`{TAG_KIND}` = 'study' and attributes.status = 'FINISHED'",
     )
-    chosen: dict[str, dict[str, dict[str, Any]]] = {}
+    studies: dict[tuple[str, str], Any] = {}
     # Latest by when the study last served a `tune` run: started, or reused as identical.
-    runs = sorted(runs, key=_last_used, reverse=True)
-    for run in runs:
-        dataset, method = run.data.tags["dataset"], run.data.tags["method"]
-        chosen.setdefault(dataset, {}).setdefault(method, json.loads(run.data.tags[TAG_CHOSEN]))
+    for run in sorted(runs, key=_last_used, reverse=True):
+        studies.setdefault((run.data.tags["dataset"], run.data.tags["method"]), run)
+    return studies
+
+
+def latest_choices(experiment_id: str) -> dict[str, dict[str, dict[str, Any]]]:
+    """chosen[dataset][method]: the values of `latest_studies`."""
+    chosen: dict[str, dict[str, dict[str, Any]]] = {}
+    for (dataset, method), run in latest_studies(experiment_id).items():
+        chosen.setdefault(dataset, {})[method] = json.loads(run.data.tags[TAG_CHOSEN])
     return chosen
 
 
@@ -446,15 +452,9 @@ def _last_used(run: Any) -> int:
 
 
 def summary_markdown(experiment_id: str) -> str:
-    """A table of the latest study of each (data set, method): trials completed / pruned /
-    failed, the best hyper-validation objective, the study's wall time and its choice."""
-    studies: dict[tuple[str, str], Any] = {}
-    for run in tracking._search(
-        experiment_id,
-        f"tags.`{TAG_KIND}` = 'study' and attributes.status = 'FINISHED'",
-        ["attributes.start_time DESC"],
-    ):
-        studies.setdefault((run.data.tags["dataset"], run.data.tags["method"]), run)
+    """A table of `latest_studies`: trials completed / pruned / failed, the best
+    hyper-validation objective, the study's wall time and its choice."""
+    studies = latest_studies(experiment_id)
     lines = [
         "| data set | method | started (UTC) | trials (done / pruned / failed) "
         "| best SNIPS DCG@3 | minutes | chosen |",
