@@ -100,13 +100,26 @@ def study_key(
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def default_values(params: Params, method: str, space: list[Knob]) -> dict[str, Any]:
-    """The untuned configuration (`train`, then `methods.<method>`, then the method's own
-    defaults) of each knob, moved to the nearest point of its range (weight decay 0 becomes
-    the range's low end on a log scale); a choice knob keeps its first choice if needed."""
+def untuned_config(params: Params, method: str) -> dict[str, Any]:
+    """Every train and method key as it is without tuning: `train`, then `methods.<method>`,
+    then the method's own defaults (no `datasets:` layer)."""
     _, hyper = resolve_config(untuned(params), DATASETS[0], method)
     resolved = dataclasses.asdict(params.train) | dataclasses.asdict(hyper)
-    resolved |= params.methods.get(method, {})
+    return resolved | params.methods.get(method, {})
+
+
+def format_values(values: dict[str, Any]) -> str:
+    """`k=v, ...` sorted by key, floats to 3 significant digits."""
+    return ", ".join(
+        f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in sorted(values.items())
+    )
+
+
+def default_values(params: Params, method: str, space: list[Knob]) -> dict[str, Any]:
+    """The untuned configuration (`untuned_config`) of each knob, moved to the nearest point
+    of its range (weight decay 0 becomes the range's low end on a log scale); a choice knob
+    keeps its first choice if needed."""
+    resolved = untuned_config(params, method)
     values = {}
     for knob in space:
         value = resolved[knob.name]
@@ -474,11 +487,7 @@ def summary_markdown(experiment_id: str) -> str:
             failed = sum(state.startswith("failed") for state in states)
             best = run.data.metrics.get(tracking.to_mlflow_key(f"best_{OBJECTIVE}"), math.nan)
             minutes = (run.info.end_time - run.info.start_time) / 60000
-            chosen = json.loads(run.data.tags[TAG_CHOSEN])
-            text = ", ".join(
-                f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
-                for k, v in sorted(chosen.items())
-            )
+            text = format_values(json.loads(run.data.tags[TAG_CHOSEN]))
             started = datetime.fromtimestamp(run.info.start_time / 1000, UTC)
             lines.append(
                 f"| {dataset} | {method} | {started:%Y-%m-%d %H:%M} | {done} / {pruned} / {failed} "
