@@ -466,12 +466,13 @@ def _last_used(run: Any) -> int:
 
 def summary_markdown(experiment_id: str) -> str:
     """A table of `latest_studies`: trials completed / pruned / failed, the best
-    hyper-validation objective, the study's wall time and its choice."""
+    hyper-validation objective, the study's wall time, the range of its completed trials'
+    wall times and its choice."""
     studies = latest_studies(experiment_id)
     lines = [
         "| data set | method | started (UTC) | trials (done / pruned / failed) "
-        "| best SNIPS DCG@3 | minutes | chosen |",
-        "|---|---|---|---|---|---|---|",
+        "| best SNIPS DCG@3 | minutes | minutes per completed trial | chosen |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for dataset in DATASETS:
         for method in METHODS:
@@ -487,12 +488,18 @@ def summary_markdown(experiment_id: str) -> str:
             failed = sum(state.startswith("failed") for state in states)
             best = run.data.metrics.get(tracking.to_mlflow_key(f"best_{OBJECTIVE}"), math.nan)
             minutes = (run.info.end_time - run.info.start_time) / 60000
+            per_trial = [
+                (t.info.end_time - t.info.start_time) / 60000
+                for t, state in zip(trials, states, strict=True)
+                if state == "complete"
+            ]
+            trial_minutes = f"{min(per_trial):.1f}-{max(per_trial):.1f}" if per_trial else "-"
             text = format_values(json.loads(run.data.tags[TAG_CHOSEN]))
             started = datetime.fromtimestamp(run.info.start_time / 1000, UTC)
             lines.append(
                 f"| {dataset} | {method} | {started:%Y-%m-%d %H:%M} | {done} / {pruned} / {failed} "
                 f"| {best:.4f} | "
-                f"{minutes:.1f} | {text} |"
+                f"{minutes:.1f} | {trial_minutes} | {text} |"
             )
     return "\n".join(lines) + "\n"
 
