@@ -5,6 +5,8 @@
 #   make tune        tune every method on each data set's hyper-validation set through Prefect
 #                    (`ubo/tune`), then write the chosen values into params.yaml (review the diff)
 #   make report      docs/RESULTS.md and docs/figures/fig{1,2,3}_*.png from the study's MLflow runs
+#                    of the checkout's code; REPORT_ARGS: more flags, e.g. --code-version <the
+#                    version RESULTS.md names> to regenerate it after ubo_core has changed
 #   make test        install if needed, lint, run the test suite
 #
 # TORCH_INDEX: where torch==2.13.0 comes from. The default CPU wheel index keeps a CPU machine
@@ -23,6 +25,7 @@ export PATH := $(BIN):$(PATH)
 
 SMOKE ?=
 BENCHMARK_ARGS ?=
+REPORT_ARGS ?=
 
 .PHONY: install benchmark data summary study tune report test lint format
 
@@ -49,7 +52,7 @@ tune: $(INSTALLED)
 	$(if $(SMOKE),@echo "SMOKE: params.yaml left as it is",python -m flows.tune apply)
 
 report: $(INSTALLED)
-	python -m flows.report
+	python -m flows.report $(REPORT_ARGS)
 
 data: $(INSTALLED)
 	dvc repro

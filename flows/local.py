@@ -221,9 +221,9 @@ def exclusive_run(prefect_home: Path) -> IO:
 @contextlib.contextmanager
 def services_running(env: dict[str, str], cpu_workers: int) -> Iterator[tuple[dict[str, str], str]]:
     """Server (if needed), pools, deployments and workers; yields (env, training deployment)."""
+    lock = exclusive_run(Path(env["PREFECT_HOME"]))  # first: a refusal leaves nothing to undo
     services = Services(STATE_DIR, env)
     previous = signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
-    lock = exclusive_run(Path(env["PREFECT_HOME"]))
     try:
         if not env.get("PREFECT_API_URL"):
             port = free_port()

@@ -695,8 +695,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
         if study.missing and not args.allow_partial:
             raise UboError(
-                f"{len(study.missing)} run(s) of the current code, data and params.yaml are not "
-                f"in MLflow (run `make benchmark`; --allow-partial reports anyway): "
+                f"{len(study.missing)} run(s) of code version {study.code_version} and the "
+                "current data and params.yaml are not in MLflow (run `make benchmark`; "
+                "--allow-partial reports anyway): "
                 + ", ".join(study.missing[:10])
                 + (" ..." if len(study.missing) > 10 else "")
             )

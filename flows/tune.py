@@ -100,13 +100,26 @@ def study_key(
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def default_values(params: Params, method: str, space: list[Knob]) -> dict[str, Any]:
-    """The untuned configuration (`train`, then `methods.<method>`, then the method's own
-    defaults) of each knob, moved to the nearest point of its range (weight decay 0 becomes
-    the range's low end on a log scale); a choice knob keeps its first choice if needed."""
+def untuned_config(params: Params, method: str) -> dict[str, Any]:
+    """Every train and method key as it is without tuning: `train`, then `methods.<method>`,
+    then the method's own defaults (no `datasets:` layer)."""
     _, hyper = resolve_config(untuned(params), DATASETS[0], method)
     resolved = dataclasses.asdict(params.train) | dataclasses.asdict(hyper)
-    resolved |= params.methods.get(method, {})
+    return resolved | params.methods.get(method, {})
+
+
+def format_values(values: dict[str, Any]) -> str:
+    """`k=v, ...` sorted by key, floats to 3 significant digits."""
+    return ", ".join(
+        f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in sorted(values.items())
+    )
+
+
+def default_values(params: Params, method: str, space: list[Knob]) -> dict[str, Any]:
+    """The untuned configuration (`untuned_config`) of each knob, moved to the nearest point
+    of its range (weight decay 0 becomes the range's low end on a log scale); a choice knob
+    keeps its first choice if needed."""
+    resolved = untuned_config(params, method)
     values = {}
     for knob in space:
         value = resolved[knob.name]
@@ -425,19 +438,25 @@ def tune(
     return block
 
 
-def latest_choices(experiment_id: str) -> dict[str, dict[str, dict[str, Any]]]:
-    """chosen[dataset][method]: the values of the FINISHED study of each pair that a `tune` run
-    started or reused last."""
+def latest_studies(experiment_id: str) -> dict[tuple[str, str], Any]:
+    """The FINISHED study run of each (data set, method) that a `tune` run started or reused
+    last: the one `apply` writes and `summary` shows."""
     runs = tracking._search(
         experiment_id,
         f"tags.`{TAG_KIND}` = 'study' and attributes.status = 'FINISHED'",
     )
-    chosen: dict[str, dict[str, dict[str, Any]]] = {}
+    studies: dict[tuple[str, str], Any] = {}
     # Latest by when the study last served a `tune` run: started, or reused as identical.
-    runs = sorted(runs, key=_last_used, reverse=True)
-    for run in runs:
-        dataset, method = run.data.tags["dataset"], run.data.tags["method"]
-        chosen.setdefault(dataset, {}).setdefault(method, json.loads(run.data.tags[TAG_CHOSEN]))
+    for run in sorted(runs, key=_last_used, reverse=True):
+        studies.setdefault((run.data.tags["dataset"], run.data.tags["method"]), run)
+    return studies
+
+
+def latest_choices(experiment_id: str) -> dict[str, dict[str, dict[str, Any]]]:
+    """chosen[dataset][method]: the values of `latest_studies`."""
+    chosen: dict[str, dict[str, dict[str, Any]]] = {}
+    for (dataset, method), run in latest_studies(experiment_id).items():
+        chosen.setdefault(dataset, {})[method] = json.loads(run.data.tags[TAG_CHOSEN])
     return chosen
 
 
@@ -446,19 +465,14 @@ def _last_used(run: Any) -> int:
 
 
 def summary_markdown(experiment_id: str) -> str:
-    """A table of the latest study of each (data set, method): trials completed / pruned /
-    failed, the best hyper-validation objective, the study's wall time and its choice."""
-    studies: dict[tuple[str, str], Any] = {}
-    for run in tracking._search(
-        experiment_id,
-        f"tags.`{TAG_KIND}` = 'study' and attributes.status = 'FINISHED'",
-        ["attributes.start_time DESC"],
-    ):
-        studies.setdefault((run.data.tags["dataset"], run.data.tags["method"]), run)
+    """A table of `latest_studies`: trials completed / pruned / failed, the best
+    hyper-validation objective, the study's wall time, the range of its completed trials'
+    wall times and its choice."""
+    studies = latest_studies(experiment_id)
     lines = [
         "| data set | method | started (UTC) | trials (done / pruned / failed) "
-        "| best SNIPS DCG@3 | minutes | chosen |",
-        "|---|---|---|---|---|---|---|",
+        "| best SNIPS DCG@3 | minutes | minutes per completed trial | chosen |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for dataset in DATASETS:
         for method in METHODS:
@@ -474,16 +488,18 @@ def summary_markdown(experiment_id: str) -> str:
             failed = sum(state.startswith("failed") for state in states)
             best = run.data.metrics.get(tracking.to_mlflow_key(f"best_{OBJECTIVE}"), math.nan)
             minutes = (run.info.end_time - run.info.start_time) / 60000
-            chosen = json.loads(run.data.tags[TAG_CHOSEN])
-            text = ", ".join(
-                f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
-                for k, v in sorted(chosen.items())
-            )
+            per_trial = [
+                (t.info.end_time - t.info.start_time) / 60000
+                for t, state in zip(trials, states, strict=True)
+                if state == "complete"
+            ]
+            trial_minutes = f"{min(per_trial):.1f}-{max(per_trial):.1f}" if per_trial else "-"
+            text = format_values(json.loads(run.data.tags[TAG_CHOSEN]))
             started = datetime.fromtimestamp(run.info.start_time / 1000, UTC)
             lines.append(
                 f"| {dataset} | {method} | {started:%Y-%m-%d %H:%M} | {done} / {pruned} / {failed} "
                 f"| {best:.4f} | "
-                f"{minutes:.1f} | {text} |"
+                f"{minutes:.1f} | {trial_minutes} | {text} |"
             )
     return "\n".join(lines) + "\n"
 

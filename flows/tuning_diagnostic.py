@@ -13,14 +13,13 @@ set: it is an analysis of the protocol after the fact, never an input to tuning.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 from pathlib import Path
 
 from mlflow import MlflowClient
 
 from flows import tracking
+from flows.tune import format_values, untuned_config
 from ubo_core.config import load_params
-from ubo_core.methods import get_method
 
 REPO = Path(__file__).resolve().parents[1]
 CURVE = "val/hyper_snips_dcg_at_3"
@@ -39,8 +38,7 @@ def main() -> None:
     print("|---|---|---|---|---|")
     for method in args.methods:
         tuned = params.datasets.get(args.dataset, {}).get(method, {})
-        defaults = dataclasses.asdict(params.train) | dataclasses.asdict(get_method(method).Hyper())
-        defaults |= params.methods.get(method, {})
+        defaults = untuned_config(params, method)
         untuned = {key: defaults[key] for key in tuned}
         for name, overrides in (("tuned", {}), ("untuned defaults", untuned)):
             child = tracking.train_and_log(
@@ -55,10 +53,7 @@ def main() -> None:
             )
             curve = sorted(client.get_metric_history(child.run_id, CURVE), key=lambda m: m.step)
             best = max(curve, key=lambda m: m.value)
-            shown = ", ".join(
-                f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
-                for k, v in sorted((tuned if name == "tuned" else untuned).items())
-            )
+            shown = format_values(tuned if name == "tuned" else untuned)
             print(
                 f"| {method} | {name}: {shown} | {best.value:.4f} ({best.step}) | "
                 f"{curve[-1].value:.4f} | {child.metrics['dcg@3']:.4f} |",
