@@ -19,7 +19,7 @@ from planted import planted_feedback
 from torch import nn
 
 from ubo_core.config import TrainConfig
-from ubo_core.engine import PairSampler, TrainingTensors
+from ubo_core.engine import PairSampler, TrainingTensors, TripleSampler
 from ubo_core.estimators import (
     ips_loss,
     ips_loss_slope,
@@ -30,7 +30,7 @@ from ubo_core.estimators import (
 from ubo_core.methods import METHODS
 from ubo_core.methods.rows import RowAdam, unique_rows
 
-HAND_DERIVED = ("umf", "relmf", "ubo", "jointopt", "alteropt", "biopt2")
+HAND_DERIVED = ("umf", "relmf", "bpr", "ubo", "jointopt", "alteropt", "biopt2")
 
 
 def random_pairs(n: int = 400, seed: int = 0):
@@ -175,11 +175,12 @@ def make_pair(name: str, data, optimizer: str, seed: int = 0):
 @pytest.mark.parametrize("optimizer", ["adam", "lazy_adam"])
 @pytest.mark.parametrize("name", HAND_DERIVED)
 def test_hand_derived_steps_equal_autograd_steps(name, optimizer):
-    """Ten paper-mode steps (batches of 64 pairs, UBO's validation batches of 16 drawn from
-    the method's generator) give the same parameters and losses both ways."""
+    """Ten paper-mode steps (batches of 64 pairs or BPR triples; UBO's validation batches
+    of 16 drawn from the method's generator) give the same parameters and losses both ways."""
     data, _, _ = planted_feedback(n_users=20, n_items=15, n_test_items=4, seed=5)
     tensors, train, (hand, auto) = make_pair(name, data, optimizer)
-    sampler = PairSampler(tensors, train.batch_size, torch.Generator().manual_seed(9))
+    sampler_class = TripleSampler if name == "bpr" else PairSampler
+    sampler = sampler_class(tensors, train.batch_size, torch.Generator().manual_seed(9))
     batches = itertools.chain.from_iterable(sampler.epoch() for _ in range(10))
     for _ in range(10):
         batch = next(batches)

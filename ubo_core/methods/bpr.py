@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from ubo_core.config import TrainConfig
@@ -20,6 +21,7 @@ from ubo_core.methods.rows import RowAdam, RowSubset
 class BPR(Method):
     name = "bpr"
     sampling = "triples"
+    hand_derived = True  # False: paper mode through autograd (the reference, for tests)
 
     def __init__(
         self, tensors: TrainingTensors, train: TrainConfig, hyper: Any, generator: torch.Generator
@@ -38,6 +40,8 @@ class BPR(Method):
         assert batch.items is not None and batch.negatives is not None
         if batch.local is not None:
             return self._dense_step(batch)
+        if self.hand_derived:
+            return self._triple_step(batch)
         users = RowSubset(self.user_emb, batch.users)
         items = RowSubset(self.item_emb, batch.items, extra=batch.negatives)
         user_rows = users.gather()
@@ -47,6 +51,25 @@ class BPR(Method):
         grad_users, grad_items = torch.autograd.grad(loss, [users.values, items.values])
         self.optimizer.step([(users.rows, grad_users), (items.rows, grad_items)])
         return {"train_loss": loss.detach()}
+
+    def _triple_step(self, batch: Batch) -> dict[str, Tensor]:
+        """Paper mode with the gradient in closed form: with x = s_ui - s_uj and
+        c = d(-log sigmoid x)/dx / B = (sigmoid(x) - 1) / B, the user row gets c (w_i - w_j),
+        the positive item c w_u and the negative item -c w_u."""
+        assert batch.items is not None and batch.negatives is not None
+        user_rows = self.user_emb.detach().index_select(0, batch.users)
+        positive_rows = self.item_emb.detach().index_select(0, batch.items)
+        negative_rows = self.item_emb.detach().index_select(0, batch.negatives)
+        margin = (user_rows * (positive_rows - negative_rows)).sum(-1)
+        slope = ((torch.sigmoid(margin) - 1.0) / margin.numel()).unsqueeze(-1)
+        user_grad = slope * user_rows
+        self.optimizer.step_pairs(
+            [
+                (batch.users, slope * (positive_rows - negative_rows)),
+                (torch.cat([batch.items, batch.negatives]), torch.cat([user_grad, -user_grad])),
+            ]
+        )
+        return {"train_loss": -F.logsigmoid(margin).mean()}
 
     def _dense_step(self, batch: Batch) -> dict[str, Tensor]:
         """A block of users against all items: one GEMM, then each triple's two scores are

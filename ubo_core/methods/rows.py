@@ -3,19 +3,21 @@
 A 1024-pair minibatch touches at most 1024 user rows and 1024 item rows of tables with
 15,400 and 1,000 rows. Autograd through `table[index]` would scatter gradients into a dense
 zero table and Adam would then update every row: both O(table) per step. Instead a step
-gathers the unique rows it touches into small leaf tensors (`RowSubset`), runs autograd on
-those, and `RowAdam` applies the update to those rows.
+works on the unique rows it touches: either as small leaf tensors that autograd
+differentiates (`RowSubset`; dense mode and the reference form of paper-mode steps) or with
+per-pair gradients in closed form (`RowAdam.step_pairs`; the hand-derived paper-mode steps),
+and `RowAdam` applies the update to those rows.
 
 `RowAdam` is exactly `torch.optim.Adam` (L2 weight decay added to the gradient) when
 `lazy=False`: rows outside the batch have zero gradient and still move by their momentum.
-With `lazy=True` it has `torch.optim.SparseAdam` semantics: only the batch's rows and their
-moments change (bias correction still uses the global step count), which makes a step
-O(batch) instead of O(table).
+With `lazy=True` only the batch's rows and their moments change (bias correction still uses
+the global step count), which makes a step O(batch) instead of O(table): the semantics of
+`torch.optim.SparseAdam`, which differs only in where eps enters (tests/test_hand_derived.py).
 
-Rows are read with `index_select` and written with `index_copy_`/`index_add_`, not with
-`table[index]` and `table[index] = ...`: on the CPU, advanced indexing goes through a generic
-gather kernel that is 3-4x slower for (1024, 50) rows, and it was the largest share of a
-paper-mode step (torch.profiler; docs/PERFORMANCE.md).
+Rows are read with `index_select`, not `table[index]`: on the CPU, advanced indexing goes
+through a generic gather kernel that is 3-4x slower for (1024, 50) rows, and it was the
+largest share of a paper-mode step (torch.profiler; docs/PERFORMANCE.md). `unique_rows` and
+`write_rows` say why they do not call `torch.unique` and `index_copy_`.
 """
 
 from __future__ import annotations
