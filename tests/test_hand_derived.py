@@ -11,7 +11,10 @@ an independent functional reference and finite differences as well.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 
 import pytest
 import torch
@@ -140,7 +143,7 @@ def test_lazy_row_adam_is_adam_on_the_touched_rows(weight_decay):
         torch.testing.assert_close(table.detach(), embedding.weight.detach(), rtol=0, atol=1e-6)
 
 
-def make_pair(name: str, data, optimizer: str, seed: int = 0):
+def make_pair(name: str, data, optimizer: str, weight_decay: float = 0.0, seed: int = 0):
     """Two float64 copies of one method from the same state: hand-derived and autograd."""
     train = TrainConfig(
         dim=5,
@@ -150,7 +153,8 @@ def make_pair(name: str, data, optimizer: str, seed: int = 0):
         init_std=0.5,
         optimizer=optimizer,
         batch_size=64,
-        val_batch_size=16,
+        val_batch_size=4,  # below the 8 validation pairs: each step draws its own batch
+        weight_decay=weight_decay,
     )
     previous = torch.get_default_dtype()
     torch.set_default_dtype(torch.float64)
@@ -158,10 +162,14 @@ def make_pair(name: str, data, optimizer: str, seed: int = 0):
         tensors = TrainingTensors(data, torch.device("cpu"))
         tensors.labels = tensors.labels.double()
         tensors.val_labels = tensors.val_labels.double()
+        assert tensors.val_users.numel() > train.val_batch_size
         cls = METHODS[name]
+        hyper = cls.Hyper()
+        if hasattr(hyper, "exposure_weight_decay"):
+            hyper = dataclasses.replace(hyper, exposure_weight_decay=weight_decay)
         copies = []
         for hand in (True, False):
-            method = cls(tensors, train, cls.Hyper(), torch.Generator().manual_seed(seed))
+            method = cls(tensors, train, hyper, torch.Generator().manual_seed(seed))
             method.hand_derived = hand
             copies.append(method)
     finally:
@@ -172,23 +180,41 @@ def make_pair(name: str, data, optimizer: str, seed: int = 0):
     return tensors, train, copies
 
 
+@contextmanager
+def autograd_forbidden() -> Iterator[None]:
+    """Fails any torch.autograd.grad call: proves a step took the hand-derived path."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the hand-derived step called torch.autograd.grad")
+
+    original = torch.autograd.grad
+    torch.autograd.grad = refuse
+    try:
+        yield
+    finally:
+        torch.autograd.grad = original
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, 0.01], ids=["no_decay", "decay"])
 @pytest.mark.parametrize("optimizer", ["adam", "lazy_adam"])
 @pytest.mark.parametrize("name", HAND_DERIVED)
-def test_hand_derived_steps_equal_autograd_steps(name, optimizer):
+def test_hand_derived_steps_equal_autograd_steps(name, optimizer, weight_decay):
     """Ten paper-mode steps (batches of 64 pairs or BPR triples; UBO's validation batches
-    of 16 drawn from the method's generator) give the same parameters and losses both ways."""
+    of 4 drawn from the method's generator) give the same parameters and losses both ways,
+    and the hand-derived copy never calls autograd (BiOpt2's bi-level step is autograd)."""
     data, _, _ = planted_feedback(n_users=20, n_items=15, n_test_items=4, seed=5)
-    tensors, train, (hand, auto) = make_pair(name, data, optimizer)
+    tensors, train, (hand, auto) = make_pair(name, data, optimizer, weight_decay)
+    start = hand.state()["user_emb"].clone()
     sampler_class = TripleSampler if name == "bpr" else PairSampler
     sampler = sampler_class(tensors, train.batch_size, torch.Generator().manual_seed(9))
     batches = itertools.chain.from_iterable(sampler.epoch() for _ in range(10))
     for _ in range(10):
         batch = next(batches)
-        hand_losses, auto_losses = hand.step(batch), auto.step(batch)
+        with nullcontext() if name == "biopt2" else autograd_forbidden():
+            hand_losses = hand.step(batch)
+        auto_losses = auto.step(batch)
         for key, value in auto_losses.items():
             torch.testing.assert_close(hand_losses[key], value, rtol=1e-10, atol=1e-12)
     for key, value in auto.state().items():
         torch.testing.assert_close(hand.state()[key], value, rtol=1e-9, atol=1e-11)
-    assert not torch.equal(
-        hand.state()["user_emb"], make_pair(name, data, optimizer)[2][0].state()["user_emb"]
-    )  # the steps moved the parameters
+    assert not torch.equal(hand.state()["user_emb"], start)  # the steps moved the parameters
