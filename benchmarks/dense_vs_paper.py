@@ -9,6 +9,9 @@ decay both overfit (Coat, UMF, paper mode: test DCG@3 0.92 after 20 epochs, 0.79
 So each mode gets the same selection rule: a small grid (paper: weight decay; dense: weight
 decay x dense_lr x block_users) is trained and the configuration with the best SNIPS DCG@3 on
 the hyper-validation set is kept (never the test set); both are then compared on the test set.
+Both modes start from the untuned values (params.yaml without its `datasets:` layer): the
+tuned layer holds dense-mode knobs (dense_lr, dense_inner_lr, epochs, ...) chosen for the
+study, which would favour dense mode.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from ubo_core.config import load_params
 from ubo_core.data import FeedbackData
 from ubo_core.methods import METHODS, resolve_config
 from ubo_core.trainer import fit
+from ubo_core.tuning import untuned
 
 WEIGHT_DECAYS = (0.0, 1e-4, 1e-3, 1e-2)
 PAPER_GRID = [{"weight_decay": wd} for wd in WEIGHT_DECAYS]
@@ -34,7 +38,7 @@ DENSE_GRID = [
 
 
 def run(dataset: str, method: str, seed: int, overrides: dict) -> dict:
-    params = load_params("params.yaml")
+    params = untuned(load_params("params.yaml"))
     data = FeedbackData.load(params.data.processed_dir / dataset / "dataset.npz")
     train, hyper = resolve_config(params, dataset, method, overrides)
     started = time.perf_counter()

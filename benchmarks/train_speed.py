@@ -2,7 +2,7 @@
 textbook PyTorch loop, on the same Yahoo-sized data (15,400 x 1,000), in one run.
 
     python benchmarks/train_speed.py [--steps 300] [--methods ubo,umf,...] [--device cpu]
-        [--modes paper,paper_lazy,dense] [--batch-size 1024]
+        [--modes paper,paper_lazy,dense] [--batch-size 1024] [--profile ubo:paper_lazy]
         [--data data/processed/yahoo/dataset.npz] [--out docs/train_speed.json]
 
 `--batch-size` changes paper mode's minibatch (the naive loop keeps 1024): five seeds trained
@@ -23,6 +23,7 @@ fresh subprocess.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import platform
 import resource
@@ -103,9 +104,8 @@ def naive_loop(tensors: TrainingTensors, steps: int) -> float:
     return done / (time.perf_counter() - started)
 
 
-def method_speed(
-    tensors: TrainingTensors, name: str, mode: str, steps: int, device: str, batch_size: int = 1024
-) -> float:
+def build(tensors: TrainingTensors, name: str, mode: str, device: str, batch_size: int = 1024):
+    """The method and sampler of one configuration, threads set as fit() would set them."""
     # "paper_lazy": paper mode with optimizer lazy_adam (SparseAdam semantics).
     optimizer = "lazy_adam" if mode == "paper_lazy" else "adam"
     mode = "paper" if mode == "paper_lazy" else mode
@@ -116,7 +116,36 @@ def method_speed(
         torch.set_num_threads(threads)
     generator = torch.Generator(device=tensors.device).manual_seed(0)
     method = METHODS[name](tensors, train, hyper, generator)
-    sampler = make_sampler(METHODS[name].sampling, tensors, train, generator)
+    return method, make_sampler(METHODS[name].sampling, tensors, train, generator), mode
+
+
+def profile_steps(
+    tensors: TrainingTensors, config: str, device: str, batch_size: int, steps: int = 100
+) -> None:
+    """torch.profiler over `steps` steps of `config` (method:mode): the operations one step
+    issues and where its CPU time goes (on CUDA: host-side time only, not kernel time)."""
+    name, _, mode = config.partition(":")
+    method, sampler, mode = build(tensors, name, mode or "paper_lazy", device, batch_size)
+    batches = itertools.chain.from_iterable(sampler.epoch() for _ in itertools.count())
+    for _ in range(10):
+        method.step(next(batches))
+    with torch.profiler.profile() as prof:
+        for _ in range(steps):
+            method.step(next(batches))
+    events = prof.key_averages()
+    ops = [e for e in events if e.key.startswith("aten::")]
+    total_us = sum(e.self_cpu_time_total for e in events)
+    print(
+        f"{config}: {sum(e.count for e in ops) / steps:.0f} aten operations and "
+        f"{total_us / steps:.0f} us of self CPU time per step (under the profiler)"
+    )
+    print(events.table(sort_by="self_cpu_time_total", row_limit=15))
+
+
+def method_speed(
+    tensors: TrainingTensors, name: str, mode: str, steps: int, device: str, batch_size: int = 1024
+) -> float:
+    method, sampler, mode = build(tensors, name, mode, device, batch_size)
     if METHODS[name].sampling == "full" or mode == "dense":
         # Whole epochs: one warm-up, then enough epochs for ~2 s.
         for batch in sampler.epoch():
@@ -179,7 +208,13 @@ def main() -> None:
     parser.add_argument("--data", default=str(REPO / "data/processed/yahoo/dataset.npz"))
     parser.add_argument("--out", default="")
     parser.add_argument("--one", default="", help=argparse.SUPPRESS)  # internal: one subprocess
+    parser.add_argument("--profile", default="", help="method:mode to profile, e.g. ubo:paper_lazy")
     args = parser.parse_args()
+    if args.profile:
+        data, _ = load_data(Path(args.data))
+        tensors = TrainingTensors(data, resolve_device(args.device))
+        profile_steps(tensors, args.profile, args.device, args.batch_size)
+        return
     if args.one:
         print(json.dumps(run_one(args)))
         return
