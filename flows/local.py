@@ -218,6 +218,64 @@ def exclusive_run(prefect_home: Path) -> IO:
     return handle
 
 
+# States a run of a stopped local run can be left in: none of them is final, and RUNNING,
+# PENDING and CANCELLING runs hold a slot of the pool's concurrency limit.
+STALE_STATES = ("RUNNING", "PENDING", "CANCELLING", "PAUSED")
+
+
+def orphans(runs: list[tuple[str, str, list[str]]], parent_tag: str) -> tuple[list[str], list[str]]:
+    """Of the non-final runs (id, state type, tags) on a server no worker serves yet: those
+    to mark crashed (every RUNNING, PENDING, CANCELLING or PAUSED run: nothing runs them) and
+    those to cancel (SCHEDULED children whose parent, named by `parent_tag` + its id, is not
+    itself waiting to start: the new workers would train them for a parent that is gone)."""
+    to_crash = [run_id for run_id, state, _ in runs if state in STALE_STATES]
+    waiting = {run_id for run_id, state, _ in runs if state == "SCHEDULED"}
+    to_cancel = [
+        run_id
+        for run_id, state, tags in runs
+        if state == "SCHEDULED"
+        and any(t.startswith(parent_tag) and t[len(parent_tag) :] not in waiting for t in tags)
+    ]
+    return to_crash, to_cancel
+
+
+def clear_orphans(env: dict[str, str]) -> int:
+    """Close what an earlier local run on this Prefect home left when it was stopped (its
+    workers killed mid-run): a RUNNING child would hold a training slot for ever and its
+    parent's SCHEDULED children would run again. Called only on the server this process
+    started, under the Prefect-home lock, before any worker: nothing else can be running
+    them. Returns how many runs it closed."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (
+        FlowRunFilter,
+        FlowRunFilterState,
+        FlowRunFilterStateType,
+    )
+    from prefect.client.schemas.objects import StateType
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+    from prefect.states import Cancelled, Crashed
+
+    from flows.benchmark import PARENT_TAG
+
+    open_types = [StateType.SCHEDULED, *(StateType(state) for state in STALE_STATES)]
+    flt = FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(any_=open_types)))
+    with temporary_settings({PREFECT_API_URL: env["PREFECT_API_URL"]}):
+        with get_client(sync_client=True) as client:
+            runs = []
+            while page := client.read_flow_runs(flow_run_filter=flt, limit=200, offset=len(runs)):
+                runs += page
+            to_crash, to_cancel = orphans(
+                [(str(r.id), r.state_type.value, list(r.tags)) for r in runs if r.state_type],
+                PARENT_TAG,
+            )
+            message = "left by a stopped `python -m flows.local`"
+            for run_id in to_crash:
+                client.set_flow_run_state(run_id, Crashed(message=message), force=True)
+            for run_id in to_cancel:
+                client.set_flow_run_state(run_id, Cancelled(message=message), force=True)
+    return len(to_crash) + len(to_cancel)
+
+
 @contextlib.contextmanager
 def services_running(env: dict[str, str], cpu_workers: int) -> Iterator[tuple[dict[str, str], str]]:
     """Server (if needed), pools, deployments and workers; yields (env, training deployment)."""
@@ -237,6 +295,8 @@ def services_running(env: dict[str, str], cpu_workers: int) -> Iterator[tuple[di
             env = env | {"PREFECT_API_URL": api_url}
             services.env = env
             wait_healthy(api_url, services)
+            if closed := clear_orphans(env):
+                print(f"closed {closed} run(s) left open by an earlier, stopped local run")
         gpus = gpu_count()
         train_pool = GPU_POOL if gpus else CPU_POOL
         # All three pools exist so that every deployment of prefect.yaml can be created.

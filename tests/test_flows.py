@@ -43,7 +43,15 @@ from mlflow.entities import Run, ViewType
 from test_tracking import write_processed
 
 from flows import tracking
-from flows.local import Services, exclusive_run, free_port, prefect, wait_healthy
+from flows.local import (
+    Services,
+    clear_orphans,
+    exclusive_run,
+    free_port,
+    orphans,
+    prefect,
+    wait_healthy,
+)
 from flows.tracking import TEST_METRICS, load_model, pair_exposure, to_mlflow_key
 from ubo_core.trainer import evaluate_test
 
@@ -492,3 +500,65 @@ def test_a_second_local_run_on_the_same_prefect_home_is_refused(tmp_path):
     finally:
         first.close()
     exclusive_run(tmp_path).close()  # released with the first run's file
+
+
+def test_orphans_are_the_stale_runs_and_the_waiting_children_of_gone_parents():
+    runs = [
+        ("p-dead", "CRASHED", []),  # not passed in practice (final), harmless
+        ("p-running", "RUNNING", []),
+        ("p-waiting", "SCHEDULED", []),
+        ("c-running", "RUNNING", ["ubo-parent:p-running"]),
+        ("c-of-running", "SCHEDULED", ["ubo-parent:p-running", "other"]),
+        ("c-of-dead", "SCHEDULED", ["ubo-parent:p-dead"]),
+        ("c-of-waiting", "SCHEDULED", ["ubo-parent:p-waiting"]),
+        ("queued-by-hand", "SCHEDULED", ["x"]),
+        ("c-cancelling", "CANCELLING", []),
+    ]
+    to_crash, to_cancel = orphans(runs, "ubo-parent:")
+    assert to_crash == ["p-running", "c-running", "c-cancelling"]
+    assert to_cancel == ["c-of-running", "c-of-dead"]
+
+
+def test_a_new_local_run_closes_what_a_stopped_one_left_open(stack):
+    """A local run stopped mid-study leaves its parent and a child RUNNING (the running child
+    holds a training slot: the next run trained one child at a time) and the parent's other
+    children SCHEDULED. clear_orphans, which flows.local calls on its own server before
+    starting workers, closes exactly those; work queued for a parent still waiting stays."""
+    import datetime
+
+    from prefect import flow
+    from prefect.client.orchestration import get_client
+    from prefect.states import Running, Scheduled
+
+    @flow(name="orphan-probe")
+    def probe() -> None:
+        pass
+
+    later = Scheduled(scheduled_time=datetime.datetime.now(datetime.UTC) + datetime.timedelta(1))
+    tag = f"ubo-parent:{stack.token}"  # matches no real run: stands for a gone parent
+    with get_client(sync_client=True) as client:
+        stale = client.create_flow_run(probe, state=Running())
+        orphan = client.create_flow_run(probe, state=later, tags=[f"{tag}-gone"])
+        waiting_parent = client.create_flow_run(probe, state=later)
+        kept = client.create_flow_run(probe, state=later, tags=[f"ubo-parent:{waiting_parent.id}"])
+
+        closed = clear_orphans({"PREFECT_API_URL": stack.api_url})
+
+        states = {
+            name: client.read_flow_run(run.id).state.type.value
+            for name, run in [
+                ("stale", stale),
+                ("orphan", orphan),
+                ("waiting_parent", waiting_parent),
+                ("kept", kept),
+            ]
+        }
+        for run in (waiting_parent, kept):  # leave nothing scheduled behind
+            client.delete_flow_run(run.id)
+    assert states == {
+        "stale": "CRASHED",
+        "orphan": "CANCELLED",
+        "waiting_parent": "SCHEDULED",
+        "kept": "SCHEDULED",
+    }
+    assert closed >= 2
