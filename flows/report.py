@@ -41,8 +41,10 @@ REPO = Path(__file__).resolve().parents[1]
 SEEDS = (0, 1, 2, 3, 4)
 METRICS = ("dcg@1", "dcg@2", "dcg@3", "map@1", "map@2", "map@3")
 PAPER_METHODS = ("relmf", "expomf", "cjmf", "bpr", "umf", "ubo")  # Tables 1-2, paper order
-RQ2_METHODS = ("ubo", "jointopt", "alteropt", "biopt2")
-ALL_METHODS = (*PAPER_METHODS, "jointopt", "alteropt", "biopt2")  # display order
+# NoOpt (a frozen at its initialisation) is our control, not the paper's: what optimising the
+# exposure net adds at all.
+RQ2_METHODS = ("ubo", "jointopt", "alteropt", "biopt2", "noopt")
+ALL_METHODS = (*PAPER_METHODS, "jointopt", "alteropt", "biopt2", "noopt")  # display order
 PCC_METHODS = ("expomf", "cjmf", "jointopt", "ubo")  # Figure 3
 DISPLAY = {
     "ubo": "UBO",
@@ -54,6 +56,7 @@ DISPLAY = {
     "jointopt": "JointOpt",
     "alteropt": "AlterOpt",
     "biopt2": "BiOpt2",
+    "noopt": "NoOpt",
     "coat": "Coat",
     "yahoo": "Yahoo! R3",
     "ml100k": "ML-100K (semi-synthetic)",

@@ -31,9 +31,10 @@ from ubo_core.estimators import (
     low_variance_slope,
 )
 from ubo_core.methods import METHODS
-from ubo_core.methods.rows import RowAdam, unique_rows
+from ubo_core.methods.rows import RowAdam, RowSGD, unique_rows
 
-HAND_DERIVED = ("umf", "relmf", "bpr", "ubo", "jointopt", "alteropt", "biopt2")
+HAND_DERIVED = ("umf", "relmf", "bpr", "ubo", "jointopt", "alteropt", "biopt2", "noopt")
+EXPOSURE_MF = ("ubo", "jointopt", "alteropt", "biopt2", "noopt")
 
 
 def random_pairs(n: int = 400, seed: int = 0):
@@ -75,6 +76,27 @@ def test_low_variance_derivatives_are_autograds(saturated):
     torch.testing.assert_close(low_variance_slope(logit.detach(), exposure.detach(), label), mine.s)
     if saturated:
         assert float(mine.m[:50].abs().min()) == 0.0 or bool((label[:50] == 1).all())
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, 0.01])
+def test_row_sgd_is_torch_sgd(weight_decay):
+    """RowSGD (the paper's plain outer step): exactly torch.optim.SGD, lazy or not."""
+    gen = torch.Generator().manual_seed(3)
+    start = torch.randn(30, 4, generator=gen, dtype=torch.float64)
+    tables = [nn.Parameter(start.clone()) for _ in range(3)]
+    exact, lazy = RowSGD([tables[0]], 0.1, weight_decay, False), RowSGD([tables[1]], 0.1, 0.0, True)
+    torch_sgd = torch.optim.SGD([tables[2]], lr=0.1, weight_decay=weight_decay)
+    for _ in range(4):
+        index = torch.randint(30, (12,), generator=gen)
+        grad = torch.randn(12, 4, generator=gen, dtype=torch.float64)
+        exact.step_pairs([(index, grad)])
+        lazy.step_pairs([(index, grad)])
+        torch_sgd.zero_grad()
+        tables[2].grad = torch.zeros_like(start).index_add_(0, index, grad)
+        torch_sgd.step()
+    torch.testing.assert_close(tables[0].detach(), tables[2].detach(), rtol=1e-14, atol=1e-15)
+    if weight_decay == 0.0:
+        torch.testing.assert_close(tables[1].detach(), tables[2].detach(), rtol=1e-14, atol=1e-15)
 
 
 def test_unique_rows_is_torch_unique():
@@ -143,8 +165,9 @@ def test_lazy_row_adam_is_adam_on_the_touched_rows(weight_decay):
         torch.testing.assert_close(table.detach(), embedding.weight.detach(), rtol=0, atol=1e-6)
 
 
-def make_pair(name: str, data, optimizer: str, weight_decay: float = 0.0, seed: int = 0):
-    """Two float64 copies of one method from the same state: hand-derived and autograd."""
+def make_pair(name: str, data, optimizer: str, weight_decay: float = 0.0, seed: int = 0, **knobs):
+    """Two float64 copies of one method from the same state: hand-derived and autograd;
+    `knobs` are the method's own (ExposureHyper's for the L2 + m_a methods)."""
     train = TrainConfig(
         dim=5,
         device="cpu",
@@ -166,7 +189,7 @@ def make_pair(name: str, data, optimizer: str, weight_decay: float = 0.0, seed: 
         cls = METHODS[name]
         hyper = cls.Hyper()
         if hasattr(hyper, "exposure_weight_decay"):
-            hyper = dataclasses.replace(hyper, exposure_weight_decay=weight_decay)
+            hyper = dataclasses.replace(hyper, exposure_weight_decay=weight_decay, **knobs)
         copies = []
         for hand in (True, False):
             method = cls(tensors, train, hyper, torch.Generator().manual_seed(seed))
@@ -195,15 +218,23 @@ def autograd_forbidden() -> Iterator[None]:
         torch.autograd.grad = original
 
 
+CASES = [
+    *((name, {}) for name in HAND_DERIVED),
+    # The other gradient path (Eq. 13's w_i inside m_a differentiated) and the plain outer step.
+    *((name, {"item_grad_through_exposure": True}) for name in EXPOSURE_MF),
+    *((name, {"exposure_optimizer": "sgd"}) for name in ("ubo", "jointopt")),
+]
+
+
 @pytest.mark.parametrize("weight_decay", [0.0, 0.01], ids=["no_decay", "decay"])
 @pytest.mark.parametrize("optimizer", ["adam", "lazy_adam"])
-@pytest.mark.parametrize("name", HAND_DERIVED)
-def test_hand_derived_steps_equal_autograd_steps(name, optimizer, weight_decay):
+@pytest.mark.parametrize(("name", "knobs"), CASES, ids=["-".join([n, *k]) for n, k in CASES])
+def test_hand_derived_steps_equal_autograd_steps(name, knobs, optimizer, weight_decay):
     """Ten paper-mode steps (batches of 64 pairs or BPR triples; UBO's validation batches
     of 4 drawn from the method's generator) give the same parameters and losses both ways,
     and the hand-derived copy never calls autograd (BiOpt2's bi-level step is autograd)."""
     data, _, _ = planted_feedback(n_users=20, n_items=15, n_test_items=4, seed=5)
-    tensors, train, (hand, auto) = make_pair(name, data, optimizer, weight_decay)
+    tensors, train, (hand, auto) = make_pair(name, data, optimizer, weight_decay, **knobs)
     start = hand.state()["user_emb"].clone()
     sampler_class = TripleSampler if name == "bpr" else PairSampler
     sampler = sampler_class(tensors, train.batch_size, torch.Generator().manual_seed(9))

@@ -16,8 +16,9 @@ from ubo_core.methods.relmf import RelMFHyper
 from ubo_core.train import main, parse_overrides
 
 
-def test_registry_has_the_nine_methods():
+def test_registry_has_the_nine_methods_and_the_control():
     expected = {"ubo", "umf", "relmf", "expomf", "cjmf", "bpr", "jointopt", "alteropt", "biopt2"}
+    expected |= {"noopt"}
     assert set(METHODS) == expected
     for name, cls in METHODS.items():
         assert cls.name == name  # registry key = class name attribute = params.yaml value

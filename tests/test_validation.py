@@ -10,7 +10,7 @@ import pytest
 from ubo_core.config import ValidationConfig
 from ubo_core.data import FeedbackData
 from ubo_core.datasets.validation import build_validation_sets
-from ubo_core.errors import DataError
+from ubo_core.errors import ConfigError, DataError
 
 N_USERS, N_ITEMS = 10, 6
 # Rated training pairs of 10 users x 6 items.
@@ -221,3 +221,44 @@ def test_every_user_active_hand_worked():
     negatives = ~positives
     np.testing.assert_array_equal(result.val_user[negatives], [0, 1, 8, 9])
     np.testing.assert_array_equal(result.val_item[negatives], [3, 5, 0, 2])
+
+
+def triples(data: FeedbackData) -> list[tuple[int, int, int]]:
+    columns = (data.val_user.tolist(), data.val_item.tolist(), data.val_label.tolist())
+    return list(zip(*columns, strict=True))
+
+
+def test_unlabeled_negative_is_the_most_popular_non_positive_item():
+    """`negative: unlabeled`: user 1 (positives 1, 2, 3) takes item 0 (n = 5, never rated by
+    user 1) instead of the rated negative 5; user 2 (positives 0, 3, 4) now has a negative:
+    item 1 (n = 4, ties with item 2, lower id)."""
+    config = dataclasses.replace(CONFIG, negative="unlabeled")
+    out = build_validation_sets(make_data(), config)
+    assert keys(out.val_user, out.val_item) == {(1, 1), (1, 0), (2, 0), (2, 1)}
+    labels = {(u, i): y for u, i, y in triples(out)}
+    assert labels == {(1, 1): 1, (1, 0): 0, (2, 0): 1, (2, 1): 0}
+
+
+def test_popularity_by_ratings_counts_every_rating():
+    """`popularity: ratings`: three more rated negatives of item 3 (users 6, 7, 8) give it
+    2 + 1 + 3 = 6 ratings against item 1's 5, so user 1's positive becomes item 3; by
+    training positives (3: n = 2, 1: n = 4) it stays item 1."""
+    data = make_data()
+    extra_user, extra_item = np.array([6, 7, 8], np.int32), np.array([3, 3, 3], np.int32)
+    data = dataclasses.replace(
+        data,
+        train_user=np.concatenate([data.train_user, extra_user]),
+        train_item=np.concatenate([data.train_item, extra_item]),
+        train_label=np.concatenate([data.train_label, np.zeros(3, np.int8)]),
+    )
+    by_ratings = build_validation_sets(data, dataclasses.replace(CONFIG, popularity="ratings"))
+    by_positives = build_validation_sets(data, CONFIG)
+    positive = {(u, i) for u, i, y in triples(by_ratings) if y == 1}
+    assert (1, 3) in positive and (1, 1) not in positive
+    assert (1, 1) in keys(by_positives.val_user, by_positives.val_item)
+
+
+@pytest.mark.parametrize(("key", "value"), [("negative", "popular"), ("popularity", "clicks")])
+def test_unknown_validation_choice_is_an_error(key, value):
+    with pytest.raises(ConfigError, match=f"validation.{key}: unknown value"):
+        ValidationConfig(**{key: value})

@@ -47,15 +47,33 @@ class PreprocessConfig:
         _check_range("preprocess.positive_threshold", self.positive_threshold, 1, 5)
 
 
+VALIDATION_NEGATIVES: tuple[str, ...] = ("rated", "unlabeled")
+VALIDATION_POPULARITY: tuple[str, ...] = ("positives", "ratings")
+
+
 @dataclass(frozen=True)
 class ValidationConfig:
+    """The unbiased validation set: "we select the most popular positive item and negative
+    item for each active user" (the paper, Sec. 2, Bi-level Optimization). Two readings are
+    open (docs/FIDELITY.md measures both):
+    - `negative`: "rated", an item the user rated below the threshold (known to have been
+      seen and disliked; needs explicit ratings), or "unlabeled", any item with R~ = 0 for
+      the user (all an implicit-feedback system knows).
+    - `popularity`: "positives", n_i = training positives of i as in theta_i (Eq. 12), or
+      "ratings", the number of users who rated i (how often it was seen).
+    """
+
     active_user_fraction: float = 0.2
     hyper_fraction: float = 0.1
     seed: int = 0
+    negative: str = "rated"
+    popularity: str = "positives"
 
     def __post_init__(self) -> None:
         _check_range("validation.active_user_fraction", self.active_user_fraction, 0.0, 1.0, True)
         _check_range("validation.hyper_fraction", self.hyper_fraction, 0.0, 1.0, True)
+        _check_choice("validation.negative", self.negative, VALIDATION_NEGATIVES)
+        _check_choice("validation.popularity", self.popularity, VALIDATION_POPULARITY)
 
 
 @dataclass(frozen=True)
@@ -295,3 +313,8 @@ def _check_range(
     if too_low or value > high:
         bracket = "(" if exclusive_low else "["
         raise ConfigError(key, f"{value!r} is out of range {bracket}{low}, {high}]")
+
+
+def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(key, f"unknown value {value!r}; expected one of {list(choices)}")

@@ -47,6 +47,10 @@ class EpochReport:
     metrics: dict[str, float]  # val_loss, hyper_snips_*, pcc (semi-synthetic)
     seconds: float  # training time so far (evaluation excluded)
     pairs_per_second: float
+    # Test metrics at this epoch, only when `fit(track_test=True)`: for measurements that
+    # show after the fact what a selection rule picked (benchmarks/fidelity.py), never for
+    # choosing anything.
+    test: dict[str, float] | None = None
 
 
 @dataclass
@@ -70,12 +74,14 @@ def fit(
     callback: Callback | None = None,
     progress: bool = True,
     evaluate_test_set: bool = True,
+    track_test: bool = False,
 ) -> FitResult:
     """Train `method_name` on `data` and return it with its test metrics.
 
     `evaluate_test_set=False` (tuning) leaves `test_metrics` empty; `data` may then lack its
-    test split. The callback may raise to stop training (a pruned tuning trial)."""
-    if evaluate_test_set and not data.has_test:
+    test split. `track_test` adds the test metrics to every evaluated epoch's report. The
+    callback may raise to stop training (a pruned tuning trial)."""
+    if (evaluate_test_set or track_test) and not data.has_test:
         raise UboError("fit: the data set was loaded without its test split")
     cls = get_method(method_name)
     device = resolve_device(train.device)
@@ -115,7 +121,13 @@ def fit(
         if epoch % train.eval_every == 0 or epoch == train.epochs:
             metrics = evaluate_epoch(method, tensors)
             report = EpochReport(
-                epoch, steps, losses, metrics, training_seconds, pairs / training_seconds
+                epoch,
+                steps,
+                losses,
+                metrics,
+                training_seconds,
+                pairs / training_seconds,
+                evaluate_test(method, tensors) if track_test else None,
             )
             history.append(report)
             bar.set_postfix(

@@ -3,9 +3,11 @@
 PAPER.md "Data protocol" (the paper, Sec. 3.1):
 - Unbiased validation set: the `active_user_fraction` most active users (most training
   positives; ties by lower user id). For each, the most popular training positive and the
-  most popular rated negative (popularity n_i = training positives of item i; ties by lower
-  item id); a user with no rated negative contributes only the positive. These items were
-  almost surely exposed, so m = 1 on them.
+  most popular negative (ties by lower item id); a user with no negative contributes only
+  the positive. These items were almost surely exposed, so m = 1 on them. By default a
+  negative is a rated negative and popularity n_i counts training positives of item i
+  (`negative: unlabeled`: any item that is not a training positive of the user;
+  `popularity: ratings`: n_i counts the users who rated i; ValidationConfig).
 - Hyper-validation set (tuning only, with SNIPS): `hyper_fraction` of the remaining training
   positives, drawn uniformly, and for each of them one unlabeled pair (R~ = 0, not held out
   already) of the same user, drawn uniformly, so every hyper-validation user ranks as many
@@ -32,7 +34,10 @@ def build_validation_sets(data: FeedbackData, config: ValidationConfig) -> Feedb
         raise DataError("validation", "the input already has validation sets")
     rng = np.random.default_rng(config.seed)
     n_items = data.n_items
-    popularity = data.item_popularity()
+    if config.popularity == "positives":
+        popularity = data.item_popularity()
+    else:
+        popularity = np.bincount(data.train_item, minlength=n_items)
 
     val_user, val_item, val_label = _unbiased_validation(data, popularity, config)
     train_keys = data.train_user.astype(np.int64) * n_items + data.train_item
@@ -86,7 +91,11 @@ def _unbiased_validation(
     active = active[activity[active] > 0]
     if active.size == 0:
         raise DataError("validation", "no active user with a training positive")
-    picked = [_most_popular_per_user(data, popularity, active, label) for label in (1, 0)]
+    picked = [_most_popular_per_user(data, popularity, active, 1)]
+    if config.negative == "rated":
+        picked.append(_most_popular_per_user(data, popularity, active, 0))
+    else:
+        picked.append(_most_popular_unlabeled(data, popularity, active))
     user = np.concatenate([p[0] for p in picked])
     item = np.concatenate([p[1] for p in picked])
     label = np.concatenate([np.full(p[0].size, 1 - k, np.int8) for k, p in enumerate(picked)])
@@ -105,6 +114,25 @@ def _most_popular_per_user(
     first = np.ones(user.size, bool)
     first[1:] = user[1:] != user[:-1]
     return user[first], item[first]
+
+
+def _most_popular_unlabeled(
+    data: FeedbackData, popularity: np.ndarray, users: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per user, the most popular item that is not one of the user's training positives
+    (R~ = 0: rated negative or never rated); ties by lower item id."""
+    by_popularity = np.lexsort((np.arange(data.n_items), -popularity))
+    pos_user, pos_item = data.train_positives()
+    positive = np.zeros((users.size, data.n_items), bool)
+    slot = np.full(data.n_users, -1)
+    slot[users] = np.arange(users.size)
+    mine = slot[pos_user] >= 0
+    positive[slot[pos_user[mine]], pos_item[mine]] = True
+    candidate = ~positive[:, by_popularity]  # (users, items) in popularity order
+    has = candidate.any(axis=1)
+    first = by_popularity[candidate.argmax(axis=1)]
+    order = np.argsort(users[has], kind="stable")
+    return users[has][order], first[has][order]
 
 
 def _sample_unlabeled(

@@ -14,6 +14,7 @@ from ubo_core.methods.bpr import BPR
 from ubo_core.methods.cjmf import CJMF
 from ubo_core.methods.expomf import ExpoMF
 from ubo_core.methods.jointopt import JointOpt
+from ubo_core.methods.noopt import NoOpt
 from ubo_core.methods.relmf import RelMF
 from ubo_core.methods.ubo import UBO
 from ubo_core.methods.umf import UMF
@@ -28,6 +29,7 @@ METHODS: dict[str, type[Method]] = {
     "jointopt": JointOpt,
     "alteropt": AlterOpt,
     "biopt2": BiOpt2,
+    "noopt": NoOpt,
 }
 
 

@@ -33,10 +33,11 @@ from ubo_core.methods.base import (
     RelevanceMF,
     exposure_from_rows,
     gather_items,
-    pair_dot,
     row_logits,
 )
-from ubo_core.methods.rows import RowAdam, RowSubset, unique_rows
+from ubo_core.methods.rows import RowAdam, RowSGD, RowSubset, unique_rows
+
+EXPOSURE_OPTIMIZERS: dict[str, type[RowAdam]] = {"adam": RowAdam, "sgd": RowSGD}
 
 
 @dataclass(frozen=True)
@@ -46,13 +47,42 @@ class ExposureHyper:
     exposure_weight_decay: float = 0.0
     inner_lr: float = 0.1  # eta of the unrolled step (Eq. 15), paper mode
     dense_inner_lr: float = 1e-3  # the same in dense mode
+    # Eq. 13 feeds the relevance item embedding w_i into m_a (in r(w_i) and sigma(e_u . w_i)).
+    # False, the paper's derivation (Eq. 16-17, whose inner gradient has l_s terms only):
+    # m_a reads w_i as an input and L_train's gradient in w has no l_m dm/dw_i term, in the
+    # relevance step, in the unrolled step of Eq. 15 and in JointOpt's joint step; w is fitted
+    # through p alone and a is moved only by its own update rule. True keeps that term: then
+    # every relevance step also fits the exposure on L_train through w_i (JointOpt's behaviour
+    # inside UBO; docs/FIDELITY.md measures it).
+    item_grad_through_exposure: bool = False
+    # The outer update of a. The paper: "we update a by ... a gradient descent step with the
+    # outer loop learning rate eta'" (Sec. 2, after Eq. 15), with Adam named for training as
+    # a whole (Sec. 3.1). "adam" (default: the hypergradient's scale moves by orders of
+    # magnitude with eta and the batch, which Adam's normalisation absorbs) or "sgd", the
+    # plain step; it applies to a in all four methods (JointOpt's and AlterOpt's too).
+    exposure_optimizer: str = "adam"
+    # b of the gate r = sigmoid(Linear(w_i)) = sigmoid(w_i . g + b) at initialisation (Eq. 13;
+    # the paper gives no initialisation). 0 starts r near 1/2 and, with sigmoid(e_u . w_i)
+    # near 1/2, m_a near 0.25 + 0.5 theta_i; -4 starts m_a within 2% of theta_i, UMF's
+    # exposure (Eq. 12).
+    gate_init_bias: float = 0.0
 
     def __post_init__(self) -> None:
         for key in ("exposure_lr", "dense_exposure_lr", "inner_lr", "dense_inner_lr"):
             if not 0.0 < getattr(self, key) <= 100.0:
                 raise ConfigError(key, f"{getattr(self, key)!r} is out of range (0, 100]")
-        if self.exposure_weight_decay < 0:
+        if not self.exposure_weight_decay >= 0:  # NaN fails this too
             raise ConfigError("exposure_weight_decay", "must be >= 0")
+        if self.exposure_optimizer not in EXPOSURE_OPTIMIZERS:
+            raise ConfigError(
+                "exposure_optimizer",
+                f"unknown optimizer {self.exposure_optimizer!r}; "
+                f"expected one of {list(EXPOSURE_OPTIMIZERS)}",
+            )
+        if not -20.0 <= self.gate_init_bias <= 20.0:
+            raise ConfigError(
+                "gate_init_bias", f"{self.gate_init_bias!r} is out of range [-20, 20]"
+            )
 
 
 @dataclass
@@ -134,7 +164,8 @@ class ExposureMF(Method):
         self.relevance_optimizer = RowAdam(
             self.relevance.parameters(), train.step_lr, train.weight_decay, lazy
         )
-        self.exposure_optimizer = RowAdam(
+        self.gate_bias.data.fill_(hyper.gate_init_bias)
+        self.exposure_optimizer = EXPOSURE_OPTIMIZERS[hyper.exposure_optimizer](
             self.exposure_net.parameters(), exposure_lr, hyper.exposure_weight_decay, lazy
         )
 
@@ -162,7 +193,7 @@ class ExposureMF(Method):
         item_rows = rows.items.gather(item_values)
         exposure = exposure_from_rows(
             rows.exposure_users.gather(),
-            item_rows,
+            self.exposure_input(item_rows),
             rows.gate_weight,
             rows.gate_bias,
             gather_items(self.exposure_net.theta, batch.items),
@@ -173,12 +204,9 @@ class ExposureMF(Method):
         )
         return batch.reduce_mean(per_pair) if reduce == "mean" else batch.reduce_sum(per_pair)
 
-    def train_loss(self, user_emb: Tensor, item_emb: Tensor, batch: Batch, reduce: str) -> Tensor:
-        """Reference form on whole tables (tests compare the row-restricted steps with it)."""
-        logits = pair_dot(user_emb, item_emb, batch.users, batch.items)
-        exposure = self.exposure_net(item_emb, batch.users, batch.items)
-        per_pair = low_variance_loss(logits, exposure, batch.labels)
-        return batch.reduce_mean(per_pair) if reduce == "mean" else batch.reduce_sum(per_pair)
+    def exposure_input(self, item_rows: Tensor) -> Tensor:
+        """w_i as m_a sees it: detached unless `item_grad_through_exposure` (ExposureHyper)."""
+        return item_rows if self.hyper.item_grad_through_exposure else item_rows.detach()
 
     # -- update rules the four methods compose -------------------------------------------
     # Each rule has a hand-derived form for paper mode's pairs (`pair_*`, gradients in closed
@@ -323,10 +351,13 @@ class ExposureMF(Method):
     def relevance_gradients(
         self, terms: PairTerms, loss_s: Tensor, loss_m: Tensor, batch: Batch
     ) -> list[tuple[Tensor | None, Tensor]]:
-        """dL/dw_u = l_s w_i; dL/dw_i = l_s w_u + l_m dm/dw_i (m depends on w_i, Eq. 13)."""
+        """dL/dw_u = l_s w_i; dL/dw_i = l_s w_u, plus l_m dm/dw_i (m depends on w_i, Eq. 13)
+        with `item_grad_through_exposure`."""
         assert batch.items is not None
         slope = loss_s.unsqueeze(-1)
-        item_grad = slope * terms.user_rows + loss_m.unsqueeze(-1) * terms.exposure_item_slope()
+        item_grad = slope * terms.user_rows
+        if self.hyper.item_grad_through_exposure:
+            item_grad = item_grad + loss_m.unsqueeze(-1) * terms.exposure_item_slope()
         return [(batch.users, slope * terms.item_rows), (batch.items, item_grad)]
 
     def pair_relevance_step(self, batch: Batch) -> Tensor:
@@ -361,18 +392,21 @@ class ExposureMF(Method):
     def pair_validation_bilevel_step(self, batch: Batch) -> Tensor:
         """UBO's exposure step with the hypergradient in closed form.
 
-        With G_u = sum l_s w_i and G_i = sum (l_s w_u + l_m dm/dw_i) the inner gradients
-        (batch-summed), w' = w - eta G; A_u, A_i = dL_val/dw'_u, dL_val/dw'_i (first order,
-        from the validation pairs at w'). Then dL_val/da = -eta sum over training pairs of
-            C dm/da + l_m dk/da,
-        with k = A_i . dm/dw_i = r q' (A_i . e_u) + (q - theta) r' (A_i . g) and
-        C = l_sm (A_u . w_i + A_i . w_u) + l_mm k (l_sm, l_mm: second derivatives of L2).
-        Spelled out, with q'' = q'(1 - 2q), r'' = r'(1 - 2r), ae = A_i . e_u, ag = A_i . g:
+        With G_u = sum l_s w_i and G_i = sum l_s w_u the inner gradients (batch-summed; the
+        paper's derivation, Eq. 16-17), w' = w - eta G; A_u, A_i = dL_val/dw'_u, dL_val/dw'_i
+        (first order, from the validation pairs at w'). Then dL_val/da = -eta sum over
+        training pairs of C dm/da, C = l_sm (A_u . w_i + A_i . w_u) (l_sm: the second
+        derivative of L2 in s and m), which for one pair is Eq. 17.
+
+        With `item_grad_through_exposure`, G_i gains l_m dm/dw_i and the hypergradient two
+        terms: dL_val/da = -eta sum (C dm/da + l_m dk/da), with k = A_i . dm/dw_i =
+        r q' (A_i . e_u) + (q - theta) r' (A_i . g) and C gaining l_mm k. Spelled out, with
+        q'' = q'(1 - 2q), r'' = r'(1 - 2r), ae = A_i . e_u, ag = A_i . g:
             dk/de_u = (r q'' ae + r' q' ag) w_i + r q' A_i
             dk/dg   = (r' q' ae + (q - theta) r'' ag) w_i + (q - theta) r' A_i,  dk/db the
                       coefficient of w_i in dk/dg.
         tests/test_bilevel.py checks this step against autograd of the unrolled step and
-        finite differences."""
+        finite differences, both ways."""
         assert batch.items is not None
         val_users, val_items, val_labels = self.validation_batch()
         n_train = batch.users.numel()
@@ -391,13 +425,14 @@ class ExposureMF(Method):
         )
         d = low_variance_derivatives(terms.logits, terms.exposure, batch.labels, True)
         assert d.sm is not None and d.mm is not None
-        loss_s, loss_m = d.s.unsqueeze(-1), d.m.unsqueeze(-1)
-        dm_ditem = terms.exposure_item_slope()
+        through = self.hyper.item_grad_through_exposure
+        loss_s = d.s.unsqueeze(-1)
+        item_inner = loss_s * terms.user_rows
+        if through:
+            item_inner = item_inner + d.m.unsqueeze(-1) * terms.exposure_item_slope()
         eta = self.inner_lr
         user_next = user_values.index_add(0, train_user, loss_s * terms.item_rows, alpha=-eta)
-        item_next = item_values.index_add(
-            0, train_item, loss_s * terms.user_rows + loss_m * dm_ditem, alpha=-eta
-        )
+        item_next = item_values.index_add(0, train_item, item_inner, alpha=-eta)
         val_user_rows = user_next.index_select(0, val_user)
         val_item_rows = item_next.index_select(0, val_item)
         val_logits = (val_user_rows * val_item_rows).sum(-1)
@@ -414,12 +449,18 @@ class ExposureMF(Method):
 
         q, r, gap = terms.personal, terms.gate, terms.personal - terms.theta
         q1, r1 = terms.personal_slope, terms.gate_slope
+        coupling = (a_user * terms.item_rows).sum(-1) + (a_item * terms.user_rows).sum(-1)
+        c = d.sm * coupling
+        if not through:
+            coef_e, coef_gate = -eta * c * r * q1, -eta * c * gap * r1
+            grads = self.exposure_gradients(terms, coef_e, coef_gate, batch.users)
+            self.exposure_optimizer.step_pairs(grads)
+            return outer_loss
         q2, r2 = q1 * (1.0 - 2.0 * q), r1 * (1.0 - 2.0 * r)
         ae = (a_item * terms.exposure_rows).sum(-1)
         ag = (a_item * terms.gate_weight).sum(-1)
         k = r * q1 * ae + gap * r1 * ag
-        coupling = (a_user * terms.item_rows).sum(-1) + (a_item * terms.user_rows).sum(-1)
-        c = d.sm * coupling + d.mm * k
+        c = c + d.mm * k
         lm = d.m
         coef_e = -eta * (c * r * q1 + lm * (r * q2 * ae + r1 * q1 * ag))
         coef_gate = -eta * (c * gap * r1 + lm * (r1 * q1 * ae + gap * r2 * ag))

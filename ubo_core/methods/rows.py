@@ -170,5 +170,19 @@ class RowAdam:
             maximize=False,
         )
 
-    def state_dict(self) -> dict[str, object]:
-        return {"steps": self.steps, "exp_avg": self.exp_avg, "exp_avg_sq": self.exp_avg_sq}
+
+class RowSGD(RowAdam):
+    """Plain gradient descent, p <- p - lr (g + weight_decay p), with RowAdam's interface:
+    the paper's outer step ("a gradient descent step with the outer loop learning rate
+    eta'", Sec. 2) where `exposure_optimizer: sgd` asks for it. Rows a lazy step does not
+    touch do not move, as in exact SGD (their gradient is 0); the moment tables stay 0."""
+
+    def _update(
+        self, p: Tensor, m: Tensor, v: Tensor, grad: Tensor, bias1: float, bias2_sqrt: float
+    ) -> None:
+        if self.weight_decay:
+            grad = grad + self.weight_decay * p
+        p.add_(grad, alpha=-self.lr)
+
+    def _fused_update(self, p: Tensor, m: Tensor, v: Tensor, grad: Tensor) -> None:
+        self._update(p, m, v, grad, 1.0, 1.0)
