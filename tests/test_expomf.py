@@ -65,9 +65,12 @@ def full_batch(method: ExpoMF) -> Batch:
 
 
 # -- 1. EM never decreases the MAP objective ---------------------------------------------------
+@pytest.mark.parametrize("constant", ["correct", "reference"])
 @pytest.mark.parametrize("init_mu", [0.01, 0.3])
-def test_log_posterior_never_decreases_over_em_iterations(init_mu):
-    method = make_method(random_data(60, 40, seed=0), dim=5, init_mu=init_mu)
+def test_log_posterior_never_decreases_over_em_iterations(init_mu, constant):
+    method = make_method(
+        random_data(60, 40, seed=0), dim=5, init_mu=init_mu, density_constant=constant
+    )
     batch = full_batch(method)
     values = [float(method.log_posterior(batch.users, batch.labels, batch.weight))]
     for _ in range(15):
@@ -112,6 +115,31 @@ def test_e_step_matches_a_hand_worked_example():
     # Log space: a score far from 0 underflows the density but not the posterior's log-odds.
     far = exposure_posterior(torch.tensor([[60.0]]), torch.zeros(1, 1), mu[:1].float(), 1.0)
     assert float(far) == 0.0 and not torch.isnan(far).any()
+
+
+def test_reference_constant_is_the_density_times_pi():
+    """`density_constant: reference` (dawenl/expo-mf): item 0 above with N(0 | 0, 1) pi =
+    sqrt(pi / 2) = 1.2533141, p = 0.5 * 1.2533141 / (0.5 * 1.2533141 + 0.5) = 0.5562092 > mu:
+    the zeros can raise mu, which the correct constant forbids for lambda_y < 2 pi."""
+    method = make_method(random_data(30, 20, seed=0), dim=2, density_constant="reference")
+    offset = method.hyper.density_offset
+    scores = torch.tensor([[0.0]], dtype=torch.float64)
+    mu = torch.tensor([0.5], dtype=torch.float64)
+    p = exposure_posterior(scores, torch.zeros(1, 1, dtype=torch.float64), mu, 1.0, offset)
+    np.testing.assert_allclose(p.numpy(), [[0.5562092]], atol=1e-7)
+    for lambda_y in (0.5, 2.0, 6.0):  # below 2 pi: never above mu with the correct constant
+        low = exposure_posterior(scores, torch.zeros(1, 1, dtype=torch.float64), mu, lambda_y)
+        assert float(low) < 0.5
+
+
+def test_rank_by_exposed_multiplies_by_mu():
+    """`rank_by: exposed` ranks by mu_i theta_u . beta_i (the reference's notebook)."""
+    data = random_data(20, 10, seed=6)
+    plain, exposed = make_method(data, 3), make_method(data, 3, rank_by="exposed")
+    for method in (plain, exposed):
+        method.step(full_batch(method))
+    users = torch.arange(20)
+    torch.testing.assert_close(exposed.scores(users), plain.mu * plain.scores(users))
 
 
 # -- 4. M-step: weighted ridge regressions -----------------------------------------------------
@@ -269,6 +297,8 @@ def test_state_round_trips_through_load_state():
         ("init_mu", 0.0),
         ("alpha1", 0.5),
         ("alpha2", "1"),
+        ("density_constant", "dawenl"),
+        ("rank_by", "popularity"),
     ],
 )
 def test_bad_hyperparameters_are_config_errors(key, value):

@@ -35,10 +35,16 @@ too.) alpha1, alpha2 >= 1 keeps (5) the maximiser inside [0, 1].
 The Gaussian constant: dawenl/expo-mf computes sqrt(lam_y / 2 * pi), i.e. sqrt(lam_y pi / 2),
 instead of sqrt(lam_y / (2 pi)) (its issue #4): a factor of pi that silently rescales mu_i
 into the odds of (2). `log_gaussian` uses the correct constant; tests/test_expomf.py guards it.
+`density_constant: reference` reproduces the reference's (a factor pi on the density in (1)
+and (2)): with the correct constant and lambda_y < 2 pi the density at 0 stays below 1, so
+p_ui < mu_i on every zero and (5) shrinks mu towards the click rate; the reference's factor
+moves that bound to lambda_y < 2 / pi (docs/FIDELITY.md measures both).
 
-Ranking uses theta_u . beta_i, the mean of y_ui given exposure, not mu_i theta_u . beta_i:
-the random-exposure test set asks which exposed items a user prefers, and multiplying by mu_i
-would rank by how likely an item is to be exposed (popularity) as much as by preference.
+Ranking (`rank_by`) uses theta_u . beta_i by default, the mean of y_ui given exposure, not
+mu_i theta_u . beta_i: the random-exposure test set asks which exposed items a user prefers,
+and multiplying by mu_i would rank by how likely an item is to be exposed (popularity) as
+much as by preference. `rank_by: exposed` ranks by mu_i theta_u . beta_i, as the reference's
+evaluation notebook does.
 
 Cost: (3) needs sum_i p_ui beta_i beta_i^T for every user; it is one GEMM of the (users, items)
 weights against the items' outer products beta_i beta_i^T (M, d*d), in chunks of users so
@@ -67,6 +73,11 @@ SOLVE_DTYPE = torch.float64
 CHUNK_ELEMENTS = 1 << 22
 
 
+# log of the factor on the Gaussian density: 0, or log pi as dawenl/expo-mf has it.
+DENSITY_OFFSETS = {"correct": 0.0, "reference": math.log(math.pi)}
+RANKINGS = ("preference", "exposed")
+
+
 @dataclass(frozen=True)
 class ExpoMFHyper:
     lambda_y: float = 1.0  # precision of y given exposure
@@ -75,6 +86,12 @@ class ExpoMFHyper:
     init_mu: float = 0.01  # initial mu_i (sparser data: smaller; the paper tunes it)
     alpha1: float = 1.0  # Beta(alpha1, alpha2) prior on mu_i; 1, 1 = uniform
     alpha2: float = 1.0
+    # "correct": N(y | m, 1/lambda_y) normalised; "reference": times pi, as dawenl/expo-mf
+    # computes it (its issue #4). The module docstring says what it changes.
+    density_constant: str = "correct"
+    # "preference": theta_u . beta_i; "exposed": mu_i theta_u . beta_i (the reference's
+    # notebook). The module docstring says why the default ranks by preference.
+    rank_by: str = "preference"
 
     def __post_init__(self) -> None:
         for key in ("lambda_y", "lambda_theta", "lambda_beta"):
@@ -83,6 +100,15 @@ class ExpoMFHyper:
         for key in ("alpha1", "alpha2"):
             # Below 1 the Beta prior's mode is at the boundary and (5) is no maximiser.
             _check(key, getattr(self, key), lambda v: 1.0 <= v <= 1e9, "[1, 1e9]")
+        for key, choices in (("density_constant", DENSITY_OFFSETS), ("rank_by", RANKINGS)):
+            if getattr(self, key) not in choices:
+                raise ConfigError(
+                    key, f"unknown value {getattr(self, key)!r}; expected one of {list(choices)}"
+                )
+
+    @property
+    def density_offset(self) -> float:
+        return DENSITY_OFFSETS[self.density_constant]
 
 
 def _check(key: str, value: object, ok: Callable[[float], bool], bounds: str) -> None:
@@ -98,16 +124,23 @@ def log_gaussian(y: Tensor | float, mean: Tensor, precision: float) -> Tensor:
     return 0.5 * math.log(precision / (2.0 * math.pi)) - 0.5 * precision * (y - mean) ** 2
 
 
-def exposure_posterior(scores: Tensor, labels: Tensor, mu: Tensor, lambda_y: float) -> Tensor:
+def exposure_posterior(
+    scores: Tensor, labels: Tensor, mu: Tensor, lambda_y: float, offset: float = 0.0
+) -> Tensor:
     """E-step (2): E[a_ui | y_ui, theta, beta, mu], (B, M) from scores theta_u . beta_i (B, M),
-    labels y (B, M) and mu (M,). 1 where y = 1."""
-    logit = torch.log(mu) + log_gaussian(0.0, scores, lambda_y) - torch.log1p(-mu)
+    labels y (B, M) and mu (M,). 1 where y = 1. `offset`: log of a factor on the density
+    (ExpoMFHyper.density_constant)."""
+    density = log_gaussian(0.0, scores, lambda_y) + offset
+    logit = torch.log(mu) + density - torch.log1p(-mu)
     return torch.where(labels > 0, torch.ones_like(scores), torch.sigmoid(logit))
 
 
-def log_likelihood(scores: Tensor, labels: Tensor, mu: Tensor, lambda_y: float) -> Tensor:
-    """Per pair log( mu_i N(y | m, 1/lambda_y) + (1 - mu_i) 1[y = 0] ), a marginal over a_ui."""
-    exposed = torch.log(mu) + log_gaussian(labels, scores, lambda_y)
+def log_likelihood(
+    scores: Tensor, labels: Tensor, mu: Tensor, lambda_y: float, offset: float = 0.0
+) -> Tensor:
+    """Per pair log( mu_i N(y | m, 1/lambda_y) + (1 - mu_i) 1[y = 0] ), a marginal over a_ui
+    (the density times exp(offset))."""
+    exposed = torch.log(mu) + log_gaussian(labels, scores, lambda_y) + offset
     unexposed = torch.log1p(-mu).expand_as(exposed)
     return torch.where(labels > 0, exposed, torch.logaddexp(exposed, unexposed))
 
@@ -132,7 +165,7 @@ def log_posterior(
         chunk = users[start : start + rows]
         scores = theta64[chunk] @ beta64.T
         y = labels[start : start + rows].to(SOLVE_DTYPE)
-        per_pair = log_likelihood(scores, y, mu64, hyper.lambda_y)
+        per_pair = log_likelihood(scores, y, mu64, hyper.lambda_y, hyper.density_offset)
         total = total + torch.where(weight[start : start + rows] > 0, per_pair, 0.0).sum()
     total = total + _log_normal_prior(theta64, hyper.lambda_theta)
     total = total + _log_normal_prior(beta64, hyper.lambda_beta)
@@ -222,7 +255,10 @@ class ExpoMF(Method):
     # -- EM ----------------------------------------------------------------------------------
     def posterior(self, users: Tensor, labels: Tensor) -> Tensor:
         """E-step (2) for `users` (B,) with their labels (B, M); (B, M) in the data's dtype."""
-        return exposure_posterior(self.scores(users), labels, self.mu, self.hyper.lambda_y)
+        hyper = self.hyper
+        return exposure_posterior(
+            self.preference(users), labels, self.mu, hyper.lambda_y, hyper.density_offset
+        )
 
     def step(self, batch: Batch) -> dict[str, Tensor]:
         if batch.items is not None or batch.weight is None:
@@ -247,8 +283,13 @@ class ExpoMF(Method):
         return log_posterior(self.theta, self.beta, self.mu, labels, weight, self.hyper, users)
 
     # -- the interface -------------------------------------------------------------------------
-    def scores(self, users: Tensor) -> Tensor:
+    def preference(self, users: Tensor) -> Tensor:
+        """theta_u . beta_i, (B, M): the mean of y_ui given exposure."""
         return self.theta[users] @ self.beta.T
+
+    def scores(self, users: Tensor) -> Tensor:
+        preference = self.preference(users)
+        return preference if self.hyper.rank_by == "preference" else self.mu * preference
 
     def exposure(self, users: Tensor) -> Tensor:
         """E[a_ui]: 1 on training positives, p_ui (2) on the other training pairs and the

@@ -1,0 +1,465 @@
+"""docs/FIDELITY.md's measurements: every choice the paper leaves open, and what it changes.
+
+    python benchmarks/fidelity.py run --row gradient_path [--datasets coat,yahoo]
+        [--seeds 0,1,2] [--jobs 2]                     # train what the row needs (resumes)
+    python benchmarks/fidelity.py run --all            # every row
+    python benchmarks/fidelity.py table [--check]      # docs/FIDELITY.md's table from the runs
+    python benchmarks/fidelity.py list                 # the rows and their variants
+
+A row names one open choice: the paper's words, our default and why, and its variants as
+config overrides (method knobs, train keys, or the validation stage's keys, for which the
+validation set is rebuilt in memory from the interim data). Every variant starts from the
+study's tuned values of params.yaml (`datasets:` layer) and changes only what the row says.
+
+Each run trains up to `cap_epochs` with the test metrics tracked per epoch
+(`fit(track_test=True)`) and records the curve. A cell reports, over seeds (mean +- std):
+the hyper-validation objective (best SNIPS DCG@3 over epochs, what tuning maximises) and the
+test DCG@3 at that epoch: the epoch is chosen on hyper-validation, the test set is read only
+to report (a variant with `select="last"` reports the last epoch instead, the paper's fixed
+budget). Runs are appended to `docs/fidelity/runs.jsonl` as they finish, keyed by everything
+that decides them (code version included), so a stopped run resumes and rows that share a
+variant (every row's default) train it once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Iterable
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from flows.tracking import code_version  # noqa: E402
+from ubo_core.config import load_params  # noqa: E402
+from ubo_core.data import FeedbackData  # noqa: E402
+from ubo_core.datasets.validation import build_validation_sets  # noqa: E402
+from ubo_core.methods import resolve_config  # noqa: E402
+from ubo_core.trainer import fit  # noqa: E402
+
+RUNS = REPO / "docs" / "fidelity" / "runs.jsonl"
+FIDELITY_MD = REPO / "docs" / "FIDELITY.md"
+TABLE_START, TABLE_END = "<!-- fidelity-table:start -->", "<!-- fidelity-table:end -->"
+CAP_EPOCHS = {"coat": 100, "yahoo": 50}  # Yahoo's tuned UBO peaks at epoch 28
+
+
+@dataclass(frozen=True)
+class Variant:
+    label: str
+    overrides: dict[str, Any] = field(default_factory=dict)  # train keys and method knobs
+    scale: dict[str, float] = field(default_factory=dict)  # multiply a resolved knob
+    validation: dict[str, Any] = field(default_factory=dict)  # validation stage keys
+    epochs: int | None = None  # cap instead of CAP_EPOCHS
+    select: str = "best"  # "best": epoch chosen on hyper-validation; "last": the final one
+
+
+DEFAULT = Variant("ours")
+
+
+@dataclass(frozen=True)
+class Row:
+    name: str
+    choice: str
+    paper: str
+    ours: str
+    variants: tuple[Variant, ...]
+    method: str = "ubo"
+    datasets: tuple[str, ...] = ("coat", "yahoo")
+    default: Variant = DEFAULT
+
+
+ROWS: dict[str, Row] = {
+    row.name: row
+    for row in [
+        Row(
+            "gradient_path",
+            "Gradient path from L_train to w_i through m_a",
+            "Eq. 13 feeds w_i into m_a; Eq. 16-17 (App. B-C) differentiate the unrolled step "
+            "through l_s only",
+            "no dm/dw_i term (`item_grad_through_exposure: false`): the paper's derivation",
+            (Variant("through w_i", {"item_grad_through_exposure": True}),),
+        ),
+        Row(
+            "gate_init",
+            "Initialisation of the gate r and of e_u",
+            'silent ("one layer MLP followed by a sigmoid")',
+            "gate bias 0, e_u ~ N(0, 0.1^2): m_a starts near 0.25 + 0.5 theta_i",
+            (Variant("m_a starts at theta (gate bias -4)", {"gate_init_bias": -4.0}),),
+        ),
+        Row(
+            "outer_optimizer",
+            "Outer optimiser of a",
+            '"update a ... via a gradient descent step with the outer loop learning rate '
+            'eta\'" (Sec. 2); "optimize it with Adam" (Sec. 3.1)',
+            "Adam (tuned eta'): the hypergradient's scale moves by orders of magnitude "
+            "between parameters and over training",
+            (
+                Variant("SGD, eta' = 1", {"exposure_optimizer": "sgd", "dense_exposure_lr": 1.0}),
+                Variant("SGD, eta' = 10", {"exposure_optimizer": "sgd", "dense_exposure_lr": 10.0}),
+            ),
+        ),
+        Row(
+            "outer_batch",
+            "Outer batch",
+            '"the validation loss L_val ... on the unbiased validation set" (all of it)',
+            "1,024 validation pairs drawn with replacement per step (`val_batch_size`)",
+            (Variant("all validation pairs", {"val_batch_size": 10**6}),),
+        ),
+        Row(
+            "inner_step",
+            "Inner step size eta (Eq. 15)",
+            'silent ("a gradient step with the learning rate eta")',
+            "tuned on hyper-validation (`dense_inner_lr`)",
+            (
+                Variant("eta x 0.1", scale={"dense_inner_lr": 0.1}),
+                Variant("eta x 10", scale={"dense_inner_lr": 10.0}),
+            ),
+        ),
+        Row(
+            "inner_batch",
+            "Inner batch (a dense block)",
+            '"the batch size as 1024" (pairs)',
+            "a block of 256 users x all items per step (dense mode)",
+            (
+                Variant("64-user blocks", {"block_users": 64}),
+                Variant("1,024-user blocks", {"block_users": 1024}),
+            ),
+        ),
+        Row(
+            "epochs",
+            "Training length",
+            '"the training epoch as 100 for all methods"',
+            "the epoch with the best hyper-validation SNIPS DCG@3 (at most the cap)",
+            (Variant("100 epochs, last", epochs=100, select="last"),),
+        ),
+        Row(
+            "exposure_weight_decay",
+            "Weight decay on a",
+            '"For other hyperparameters such as weight decay, we tune them"',
+            "tuned on hyper-validation (`exposure_weight_decay`)",
+            (
+                Variant("0", {"exposure_weight_decay": 0.0}),
+                Variant("1e-2", {"exposure_weight_decay": 1e-2}),
+            ),
+        ),
+        Row(
+            "validation_negative",
+            "The validation set's negative",
+            '"the most popular positive item and negative item for each active user"',
+            "the most popular rated negative (rating < 4)",
+            (Variant("most popular R~ = 0 item", validation={"negative": "unlabeled"}),),
+        ),
+        Row(
+            "validation_popularity",
+            "Popularity in the validation set",
+            '"the most popular" (Sec. 2); theta_i counts positives (Eq. 12)',
+            "n_i = training positives, as in Eq. 12",
+            (Variant("n_i = ratings", validation={"popularity": "ratings"}),),
+        ),
+        Row(
+            "train_mode",
+            "Dense blocks vs 1,024-pair minibatches",
+            '"Adam ... learning rate 10^-3 ... batch size 1024"',
+            "dense blocks (paper mode costs 20-60x more per epoch on a CPU)",
+            (
+                Variant(
+                    "paper mode (lazy Adam, lr 1e-3, batch 1024)",
+                    {"mode": "paper", "optimizer": "lazy_adam"},
+                ),
+            ),
+            datasets=("coat",),
+        ),
+        Row(
+            "expomf_constant",
+            "ExpoMF: the Gaussian density's constant",
+            "Liang et al. (2016): N(y | theta_u . beta_i, 1/lambda_y); dawenl/expo-mf "
+            "multiplies it by pi (its issue #4)",
+            "the normalised density (`density_constant: correct`)",
+            (Variant("the reference's (x pi)", {"density_constant": "reference"}),),
+            method="expomf",
+        ),
+        Row(
+            "expomf_ranking",
+            "ExpoMF: what ranks the test items",
+            "silent; the reference's notebook ranks by mu_i theta_u . beta_i",
+            "theta_u . beta_i, preference given exposure (`rank_by: preference`)",
+            (
+                Variant("mu_i theta_u . beta_i", {"rank_by": "exposed"}),
+                Variant(
+                    "mu-weighted, reference constant",
+                    {"rank_by": "exposed", "density_constant": "reference"},
+                ),
+            ),
+            method="expomf",
+        ),
+        Row(
+            "expomf_lambda_y",
+            "ExpoMF: lambda_y, where mu can grow",
+            "tuned; mu_i can rise above the click rate only if lambda_y > 2 pi",
+            "tuned on hyper-validation within [0.1, 1000]",
+            (
+                Variant("lambda_y = 10", {"lambda_y": 10.0}),
+                Variant("lambda_y = 100", {"lambda_y": 100.0}),
+            ),
+            method="expomf",
+        ),
+    ]
+}
+
+
+# -- running ---------------------------------------------------------------------------------
+def run_key(row: Row, variant: Variant, dataset: str, seed: int, version: str) -> dict[str, Any]:
+    """What decides a run: reused by every row whose variant resolves to the same key."""
+    return {
+        "code": version,
+        "dataset": dataset,
+        "method": row.method,
+        "seed": seed,
+        "overrides": variant.overrides,
+        "scale": variant.scale,
+        "validation": variant.validation,
+        "epochs": variant.epochs or CAP_EPOCHS[dataset],
+    }
+
+
+def key_text(key: dict[str, Any]) -> str:
+    return json.dumps(key, sort_keys=True)
+
+
+def load_runs(path: Path = RUNS) -> dict[str, dict[str, Any]]:
+    if not path.is_file():
+        return {}
+    runs = {}
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:  # a line cut by a kill: that run is simply redone
+            print(f"{path}:{number}: unreadable line skipped", file=sys.stderr)
+            continue
+        runs[key_text(record["key"])] = record
+    return runs
+
+
+def train_one(key: dict[str, Any], threads: int) -> dict[str, Any]:
+    """One run (in a worker process): returns its record with the per-epoch curve."""
+    params = load_params(REPO / "params.yaml")
+    dataset = key["dataset"]
+    if key["validation"]:
+        interim = FeedbackData.load(REPO / params.data.interim_dir / dataset / "dataset.npz")
+        config = dataclasses.replace(params.validation, **key["validation"])
+        data = build_validation_sets(interim, config)
+    else:
+        data = FeedbackData.load(REPO / params.data.processed_dir / dataset / "dataset.npz")
+    overrides = dict(key["overrides"]) | {"epochs": key["epochs"], "threads": threads}
+    train, hyper = resolve_config(params, dataset, key["method"], overrides)
+    if key["scale"]:
+        hyper = dataclasses.replace(
+            hyper, **{k: getattr(hyper, k) * factor for k, factor in key["scale"].items()}
+        )
+    started = time.perf_counter()
+    result = fit(key["method"], data, train, hyper, key["seed"], progress=False, track_test=True)
+    curve = [
+        {
+            "epoch": report.epoch,
+            "hyper": report.metrics["hyper_snips_dcg@3"],
+            "val_loss": report.metrics["val_loss"],
+            "test": report.test["dcg@3"] if report.test else math.nan,
+        }
+        for report in result.history
+    ]
+    return {
+        "key": key,
+        "curve": curve,
+        "resolved": {"train": dataclasses.asdict(train), "hyper": dataclasses.asdict(hyper)},
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+
+
+def needed(rows: Iterable[Row], datasets: list[str] | None, seeds: list[int], version: str):
+    keys = {}
+    for row in rows:
+        for dataset in row.datasets:
+            if datasets and dataset not in datasets:
+                continue
+            for variant in (row.default, *row.variants):
+                for seed in seeds:
+                    key = run_key(row, variant, dataset, seed, version)
+                    keys[key_text(key)] = key
+    return keys
+
+
+def run(rows: list[Row], datasets: list[str] | None, seeds: list[int], jobs: int) -> None:
+    version = code_version(REPO)
+    if "+dirty" in version:
+        sys.exit("error: ubo_core has uncommitted changes; commit them so runs name a version")
+    done = load_runs()
+    todo = [key for text, key in needed(rows, datasets, seeds, version).items() if text not in done]
+    # Yahoo first (long), so the short runs fill the gaps at the end.
+    todo.sort(key=lambda k: (k["dataset"] != "yahoo", k["seed"]))
+    print(f"{len(todo)} runs to do at {version} ({len(done)} recorded)", flush=True)
+    RUNS.parent.mkdir(parents=True, exist_ok=True)
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    started = time.perf_counter()
+    with ProcessPoolExecutor(jobs) as pool, RUNS.open("a") as out:
+        futures = {pool.submit(train_one, key, threads): key for key in todo}
+        for count, future in enumerate(as_completed(futures), 1):
+            record = future.result()
+            out.write(json.dumps(record) + "\n")  # one line per run: a kill loses only runs
+            out.flush()  # in flight
+            best = max(record["curve"], key=lambda p: p["hyper"])
+            elapsed = time.perf_counter() - started
+            print(
+                f"[{count}/{len(todo)} {elapsed / 60:.0f} min] {describe(record['key'])}: "
+                f"hyper {best['hyper']:.4f} test {best['test']:.4f} at epoch {best['epoch']} "
+                f"({record['seconds']:.0f} s)",
+                flush=True,
+            )
+
+
+def describe(key: dict[str, Any]) -> str:
+    change = {**key["overrides"], **key["scale"], **key["validation"]}
+    return f"{key['dataset']} {key['method']} seed {key['seed']} {change or 'ours'}"
+
+
+# -- the table -------------------------------------------------------------------------------
+def cell(records: list[dict[str, Any]], select: str) -> tuple[str, str, int]:
+    hyper, test, capped = [], [], 0
+    for record in records:
+        curve = record["curve"]
+        best = max(curve, key=lambda p: p["hyper"])
+        chosen = curve[-1] if select == "last" else best
+        hyper.append(best["hyper"] if select == "best" else chosen["hyper"])
+        test.append(chosen["test"])
+        capped += best["epoch"] == curve[-1]["epoch"] and select == "best"
+    return mean_std(hyper), mean_std(test), capped
+
+
+def mean_std(values: list[float]) -> str:
+    n = len(values)
+    mean = sum(values) / n
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0
+    return f"{mean:.3f} ± {std:.3f}"
+
+
+def cell_records(
+    runs: dict[str, dict[str, Any]], keys: list[dict[str, Any]], version: str | None
+) -> tuple[list[dict[str, Any]] | None, str | None]:
+    """The records of one cell (one per seed) at `version`, or by default at the newest code
+    version that has all of them: a later ubo_core change that leaves a row's method alone
+    (ExpoMF's knobs for UBO's rows, say) does not make its runs stale, and the table names
+    the versions it shows."""
+    versions = (
+        [version] if version else list(dict.fromkeys(r["key"]["code"] for r in runs.values()))
+    )
+    for candidate in reversed(versions):
+        records = [runs.get(key_text({**key, "code": candidate})) for key in keys]
+        if all(r is not None for r in records):
+            return records, candidate  # type: ignore[return-value]
+    return None, None
+
+
+TABLE_DATASETS = ("coat", "yahoo")
+
+
+def table(seeds: list[int], version: str | None = None) -> str:
+    runs = load_runs()
+    columns = " | ".join(f"{d}: hyper-val | {d}: test" for d in TABLE_DATASETS)
+    lines = [
+        f"| choice | the paper | ours (default) | variant | {columns} | command |",
+        "|---|---|---|---|" + "---:|---:|" * len(TABLE_DATASETS) + "---|",
+    ]
+    missing, used = 0, []
+    for row in ROWS.values():
+        for number, variant in enumerate((row.default, *row.variants)):
+            cells = []
+            for dataset in TABLE_DATASETS:
+                if dataset not in row.datasets:
+                    cells += ["", ""]
+                    continue
+                keys = [run_key(row, variant, dataset, s, "") for s in seeds]
+                records, at = cell_records(runs, keys, version)
+                if records is None:
+                    missing += 1
+                    cells += ["not run", "not run"]
+                    continue
+                hyper, test, capped = cell(records, variant.select)
+                used.append(at)
+                cells += [hyper, test + ("*" * bool(capped))]
+            label = "**ours**" if variant is row.default else variant.label
+            method = "" if row.method == "ubo" else f"{row.method}: "
+            head = (row.choice, row.paper, row.ours) if number == 0 else ("", "", "")
+            command = f"`fidelity.py run --row {row.name}`" if number == 0 else ""
+            lines.append(
+                f"| {' | '.join(head)} | {method}{label} | {' | '.join(cells)} | {command} |"
+            )
+    lines.append("")
+    versions = ", ".join(dict.fromkeys(used)) or "none"
+    lines.append(
+        f"Mean ± std over seeds {', '.join(map(str, seeds))}; hyper-val: best SNIPS DCG@3 on "
+        "the hyper-validation set over the epochs; test: DCG@3 at that epoch (* the best "
+        "epoch was the cap's for at least one seed). UBO (dense mode, the study's tuned values "
+        "of params.yaml) unless the variant names another method. Code version(s): "
+        f"{versions}." + (f" {missing} cells not run yet." if missing else "")
+    )
+    return "\n".join(lines)
+
+
+def write_table(seeds: list[int], check: bool, version: str | None) -> int:
+    text = FIDELITY_MD.read_text()
+    head, start, rest = text.partition(TABLE_START)
+    _, end, tail = rest.partition(TABLE_END)
+    if not start or not end:
+        sys.exit(f"error: {FIDELITY_MD} lacks the {TABLE_START} ... {TABLE_END} markers")
+    new = f"{head}{TABLE_START}\n{table(seeds, version)}\n{TABLE_END}{tail}"
+    if check:
+        if new != text:
+            print(f"{FIDELITY_MD} is out of date: run `python benchmarks/fidelity.py table`")
+            return 1
+        return 0
+    FIDELITY_MD.write_text(new)
+    print(f"wrote the table of {FIDELITY_MD}")
+    return 0
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    run_parser = sub.add_parser("run", help="train the runs a row needs (resumes)")
+    pick = run_parser.add_mutually_exclusive_group(required=True)
+    pick.add_argument("--row", action="append", choices=list(ROWS))
+    pick.add_argument("--all", action="store_true")
+    run_parser.add_argument("--datasets", help="comma-separated; default: the row's")
+    run_parser.add_argument("--seeds", default="0,1,2")
+    run_parser.add_argument("--jobs", type=int, default=2, help="runs side by side")
+    table_parser = sub.add_parser("table", help="write docs/FIDELITY.md's table")
+    table_parser.add_argument("--seeds", default="0,1,2")
+    table_parser.add_argument("--check", action="store_true", help="fail if out of date")
+    table_parser.add_argument("--code-version", help="default: that of the last recorded run")
+    sub.add_parser("list", help="the rows and their variants")
+    args = parser.parse_args()
+    if args.command == "list":
+        for row in ROWS.values():
+            print(f"{row.name}: {row.choice} [{row.method}; {', '.join(row.datasets)}]")
+            for variant in row.variants:
+                print(f"    {variant.label}")
+        return 0
+    seeds = [int(s) for s in args.seeds.split(",")]
+    if args.command == "table":
+        return write_table(seeds, args.check, args.code_version)
+    rows = list(ROWS.values()) if args.all else [ROWS[name] for name in args.row]
+    datasets = args.datasets.split(",") if args.datasets else None
+    run(rows, datasets, seeds, args.jobs)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
