@@ -27,7 +27,6 @@ import argparse
 import dataclasses
 import json
 import math
-import os
 import sys
 import time
 from collections.abc import Iterable
@@ -40,10 +39,11 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from flows.tracking import code_version  # noqa: E402
-from ubo_core.config import load_params  # noqa: E402
+from ubo_core.config import Params, TrainConfig, ValidationConfig, load_params  # noqa: E402
 from ubo_core.data import FeedbackData  # noqa: E402
 from ubo_core.datasets.validation import build_validation_sets  # noqa: E402
-from ubo_core.methods import resolve_config  # noqa: E402
+from ubo_core.errors import UboError  # noqa: E402
+from ubo_core.methods import get_method, resolve_config  # noqa: E402
 from ubo_core.trainer import fit  # noqa: E402
 
 RUNS = REPO / "docs" / "fidelity" / "runs.jsonl"
@@ -217,17 +217,32 @@ ROWS: dict[str, Row] = {
 
 
 # -- running ---------------------------------------------------------------------------------
-def run_key(row: Row, variant: Variant, dataset: str, seed: int, version: str) -> dict[str, Any]:
-    """What decides a run: reused by every row whose variant resolves to the same key."""
+def run_key(
+    params: Params, row: Row, variant: Variant, dataset: str, seed: int, version: str
+) -> dict[str, Any]:
+    """Everything that decides a run: the code version and the resolved configuration (so a
+    re-tuned params.yaml never reuses a stale run, and rows whose variants resolve alike, as
+    every row's default does, share their runs). One thread per run: the same numbers
+    whatever the machine's core count."""
+    overrides = {**variant.overrides, "epochs": variant.epochs or CAP_EPOCHS[dataset]}
+    train, hyper = resolve_config(params, dataset, row.method, overrides | {"threads": 1})
+    if variant.scale:
+        hyper = dataclasses.replace(
+            hyper, **{k: getattr(hyper, k) * factor for k, factor in variant.scale.items()}
+        )
+    validation = (
+        dataclasses.asdict(dataclasses.replace(params.validation, **variant.validation))
+        if variant.validation
+        else None  # the processed data set, built with params.yaml's validation section
+    )
     return {
         "code": version,
         "dataset": dataset,
         "method": row.method,
         "seed": seed,
-        "overrides": variant.overrides,
-        "scale": variant.scale,
-        "validation": variant.validation,
-        "epochs": variant.epochs or CAP_EPOCHS[dataset],
+        "train": dataclasses.asdict(train),
+        "hyper": dataclasses.asdict(hyper),
+        "validation": validation,
     }
 
 
@@ -249,22 +264,17 @@ def load_runs(path: Path = RUNS) -> dict[str, dict[str, Any]]:
     return runs
 
 
-def train_one(key: dict[str, Any], threads: int) -> dict[str, Any]:
-    """One run (in a worker process): returns its record with the per-epoch curve."""
-    params = load_params(REPO / "params.yaml")
+def train_one(key: dict[str, Any], data_dirs: tuple[str, str]) -> dict[str, Any]:
+    """One run, in a worker process, from its fully resolved key."""
+    interim_dir, processed_dir = (REPO / d for d in data_dirs)
     dataset = key["dataset"]
-    if key["validation"]:
-        interim = FeedbackData.load(REPO / params.data.interim_dir / dataset / "dataset.npz")
-        config = dataclasses.replace(params.validation, **key["validation"])
-        data = build_validation_sets(interim, config)
+    if key["validation"] is not None:
+        interim = FeedbackData.load(interim_dir / dataset / "dataset.npz")
+        data = build_validation_sets(interim, ValidationConfig(**key["validation"]))
     else:
-        data = FeedbackData.load(REPO / params.data.processed_dir / dataset / "dataset.npz")
-    overrides = dict(key["overrides"]) | {"epochs": key["epochs"], "threads": threads}
-    train, hyper = resolve_config(params, dataset, key["method"], overrides)
-    if key["scale"]:
-        hyper = dataclasses.replace(
-            hyper, **{k: getattr(hyper, k) * factor for k, factor in key["scale"].items()}
-        )
+        data = FeedbackData.load(processed_dir / dataset / "dataset.npz")
+    train = TrainConfig(**key["train"])
+    hyper = get_method(key["method"]).Hyper(**key["hyper"])
     started = time.perf_counter()
     result = fit(key["method"], data, train, hyper, key["seed"], progress=False, track_test=True)
     curve = [
@@ -276,15 +286,12 @@ def train_one(key: dict[str, Any], threads: int) -> dict[str, Any]:
         }
         for report in result.history
     ]
-    return {
-        "key": key,
-        "curve": curve,
-        "resolved": {"train": dataclasses.asdict(train), "hyper": dataclasses.asdict(hyper)},
-        "seconds": round(time.perf_counter() - started, 1),
-    }
+    return {"key": key, "curve": curve, "seconds": round(time.perf_counter() - started, 1)}
 
 
-def needed(rows: Iterable[Row], datasets: list[str] | None, seeds: list[int], version: str):
+def needed(
+    params: Params, rows: Iterable[Row], datasets: list[str] | None, seeds: list[int], version
+) -> dict[str, dict[str, Any]]:
     keys = {}
     for row in rows:
         for dataset in row.datasets:
@@ -292,7 +299,7 @@ def needed(rows: Iterable[Row], datasets: list[str] | None, seeds: list[int], ve
                 continue
             for variant in (row.default, *row.variants):
                 for seed in seeds:
-                    key = run_key(row, variant, dataset, seed, version)
+                    key = run_key(params, row, variant, dataset, seed, version)
                     keys[key_text(key)] = key
     return keys
 
@@ -301,18 +308,24 @@ def run(rows: list[Row], datasets: list[str] | None, seeds: list[int], jobs: int
     version = code_version(REPO)
     if "+dirty" in version:
         sys.exit("error: ubo_core has uncommitted changes; commit them so runs name a version")
+    params = load_params(REPO / "params.yaml")  # read once: later edits do not reach the runs
+    data_dirs = (str(params.data.interim_dir), str(params.data.processed_dir))
     done = load_runs()
-    todo = [key for text, key in needed(rows, datasets, seeds, version).items() if text not in done]
+    wanted = needed(params, rows, datasets, seeds, version)
+    todo = [key for text, key in wanted.items() if text not in done]
     # Yahoo first (long), so the short runs fill the gaps at the end.
     todo.sort(key=lambda k: (k["dataset"] != "yahoo", k["seed"]))
-    print(f"{len(todo)} runs to do at {version} ({len(done)} recorded)", flush=True)
+    print(f"{len(todo)} runs to do at {version} ({len(wanted) - len(todo)} recorded)", flush=True)
     RUNS.parent.mkdir(parents=True, exist_ok=True)
-    threads = max(1, (os.cpu_count() or 1) // jobs)
     started = time.perf_counter()
     with ProcessPoolExecutor(jobs) as pool, RUNS.open("a") as out:
-        futures = {pool.submit(train_one, key, threads): key for key in todo}
+        futures = {pool.submit(train_one, key, data_dirs): key for key in todo}
         for count, future in enumerate(as_completed(futures), 1):
-            record = future.result()
+            try:
+                record = future.result()
+            except UboError as error:  # a bad variant: say which, go on with the others
+                print(f"error: {describe(futures[future])}: {error}", flush=True)
+                continue
             out.write(json.dumps(record) + "\n")  # one line per run: a kill loses only runs
             out.flush()  # in flight
             best = max(record["curve"], key=lambda p: p["hyper"])
@@ -326,11 +339,9 @@ def run(rows: list[Row], datasets: list[str] | None, seeds: list[int], jobs: int
 
 
 def describe(key: dict[str, Any]) -> str:
-    change = {**key["overrides"], **key["scale"], **key["validation"]}
-    return f"{key['dataset']} {key['method']} seed {key['seed']} {change or 'ours'}"
+    return f"{key['dataset']} {key['method']} seed {key['seed']}"
 
 
-# -- the table -------------------------------------------------------------------------------
 def cell(records: list[dict[str, Any]], select: str) -> tuple[str, str, int]:
     hyper, test, capped = [], [], 0
     for record in records:
@@ -372,6 +383,7 @@ TABLE_DATASETS = ("coat", "yahoo")
 
 def table(seeds: list[int], version: str | None = None) -> str:
     runs = load_runs()
+    params = load_params(REPO / "params.yaml")
     columns = " | ".join(f"{d}: hyper-val | {d}: test" for d in TABLE_DATASETS)
     lines = [
         f"| choice | the paper | ours (default) | variant | {columns} | command |",
@@ -385,7 +397,7 @@ def table(seeds: list[int], version: str | None = None) -> str:
                 if dataset not in row.datasets:
                     cells += ["", ""]
                     continue
-                keys = [run_key(row, variant, dataset, s, "") for s in seeds]
+                keys = [run_key(params, row, variant, dataset, s, "") for s in seeds]
                 records, at = cell_records(runs, keys, version)
                 if records is None:
                     missing += 1

@@ -98,3 +98,14 @@ def test_missing_and_invalid_yaml(tmp_path):
 def test_unknown_dataset_lists_the_valid_ones():
     with pytest.raises(ConfigError, match=r"unknown data set 'movielens'.*coat.*amazon_cds"):
         check_dataset("movielens")
+
+
+def test_errors_survive_pickling():
+    """A worker process's error reaches its parent whole (ProcessPoolExecutor pickles it)."""
+    import pickle
+
+    from ubo_core.errors import DataError
+
+    for error in (ConfigError("train.lr", "bad", "x.yaml"), DataError("a/b.npz", "missing")):
+        again = pickle.loads(pickle.dumps(error))
+        assert type(again) is type(error) and str(again) == str(error)

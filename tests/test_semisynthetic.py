@@ -7,6 +7,7 @@ import math
 
 import numpy as np
 import pytest
+import torch
 
 from ubo_core.config import SemisyntheticConfig, SubsetConfig
 from ubo_core.data import FeedbackData
@@ -271,7 +272,7 @@ def _fixed_fits(monkeypatch, calls: dict) -> tuple[np.ndarray, np.ndarray, np.nd
 def test_build_ml100k_truth_is_the_closed_form_of_the_fits(ml100k_folder, monkeypatch):
     calls: dict = {}
     r_hat, logit, _ = _fixed_fits(monkeypatch, calls)
-    config = dataclasses.replace(CONFIG, exposure_power=1.5)
+    config = dataclasses.replace(CONFIG, exposure_power=1.5, generator="fitted")
     data, _ = build_semisynthetic("ml100k", ml100k_folder, config)
     # gamma = sigmoid(clip(r_hat, 1, 5) - eps); m = sigmoid(logit) ** power
     expected_gamma = 1 / (1 + np.exp(-(np.clip(r_hat, 1, 5) - EPS)))
@@ -302,7 +303,9 @@ def test_build_amazon_truth_is_the_closed_form_of_the_fit(tmp_path, monkeypatch)
     names = {1: "A", 2: "B", 3: "C", 4: "D", 5: "E"}
     rows = "".join(f"u{u}\t{names[i]}\n" for u, i in ML_ROWS)
     (folder / "cds_interactions.tsv").write_text("user\titem\n" + rows)
-    data, _ = build_semisynthetic("amazon_cds", folder, CONFIG)
+    data, _ = build_semisynthetic(
+        "amazon_cds", folder, dataclasses.replace(CONFIG, generator="fitted")
+    )
     # z = standardised p.q; r = clip(3.53 + 1.13 z, 1, 5); gamma = sigmoid(r - eps)
     z = (preference - preference.mean()) / preference.std()
     pseudo = np.clip(3.53 + 1.13 * z, 1.0, 5.0)
@@ -313,3 +316,81 @@ def test_build_amazon_truth_is_the_closed_form_of_the_fit(tmp_path, monkeypatch)
         data.true_exposure, (1 / (1 + np.exp(-logit))).astype(np.float32), rtol=1e-6
     )
     assert "rating" not in calls  # no star ratings on Amazon: the rating MF is not fitted
+
+
+def _fixed_reference_fits(monkeypatch, calls: dict) -> tuple[np.ndarray, np.ndarray]:
+    """Replace the reference generator's fits by known (7, 3) score matrices."""
+    r_hat = np.linspace(-1.0, 7.0, 21).reshape(7, 3)
+    logit = np.linspace(-3.0, 3.0, 21).reshape(7, 3)
+
+    def reference_mf(user, item, rating, shape, config, loss):
+        calls[loss] = (user, item, rating, shape)
+        return r_hat if loss == "squared" else logit
+
+    monkeypatch.setattr(semisynthetic, "fit_reference_mf", reference_mf)
+    return r_hat, logit
+
+
+def test_reference_generator_truth_is_the_closed_form_of_its_fits(ml100k_folder, monkeypatch):
+    """generator: reference (the default): gamma from the squared-loss MF on the ratings,
+    m = sigmoid(s) ** power from the logistic MF on the rated indicator (no ratings given)."""
+    calls: dict = {}
+    r_hat, logit = _fixed_reference_fits(monkeypatch, calls)
+    assert CONFIG.generator == "reference"
+    data, _ = build_semisynthetic(
+        "ml100k", ml100k_folder, dataclasses.replace(CONFIG, exposure_power=2.0)
+    )
+    gamma = 1 / (1 + np.exp(-(np.clip(r_hat, 1, 5) - EPS)))
+    np.testing.assert_array_equal(data.true_relevance, gamma.astype(np.float32))
+    np.testing.assert_array_equal(
+        data.true_exposure, ((1 / (1 + np.exp(-logit))) ** 2).astype(np.float32)
+    )
+    user, item, rating, shape = calls["squared"]
+    assert shape == (7, 3) and rating.size == 17
+    assert calls["logistic"][2] is None
+    np.testing.assert_array_equal(calls["logistic"][0], user)
+
+
+def test_reference_generator_on_amazon_takes_exposure_from_the_reference_fit(tmp_path, monkeypatch):
+    """Amazon (no ratings): relevance from the biased fit's preference part as before, the
+    exposure from the reference's logistic MF on the interaction indicator."""
+    calls: dict = {}
+    _, preference_logit, preference = _fixed_fits(monkeypatch, calls)
+    _, logit = _fixed_reference_fits(monkeypatch, calls)
+    folder = tmp_path / "amazon_cds"
+    folder.mkdir()
+    rows = "".join(f"u{u}\t{'ABCDE'[i - 1]}\n" for u, i in ML_ROWS)
+    (folder / "cds_interactions.tsv").write_text("user\titem\n" + rows)
+    data, _ = build_semisynthetic("amazon_cds", folder, CONFIG)
+    np.testing.assert_allclose(
+        data.true_exposure, (1 / (1 + np.exp(-logit))).astype(np.float32), rtol=1e-6
+    )
+    z = (preference - preference.mean()) / preference.std()
+    gamma = 1 / (1 + np.exp(-(np.clip(3.53 + 1.13 * z, 1.0, 5.0) - EPS)))
+    np.testing.assert_allclose(data.true_relevance, gamma.astype(np.float32), rtol=1e-6)
+    assert "squared" not in calls
+
+
+def test_reference_fits_learn_what_they_are_given():
+    """The squared-loss fit moves towards the ratings and the logistic fit ranks the given
+    pairs above the others, from Glorot-uniform starts near 0; same seed, same scores."""
+    rng = np.random.default_rng(0)
+    shape = (30, 12)
+    user = np.repeat(np.arange(30), 4)
+    item = (user % 3) * 4 + np.tile(np.arange(4), 30)  # three blocks of users x items
+    rating = 1.0 + 4.0 * (item < 4) + rng.normal(0, 0.1, user.size)
+    config = dataclasses.replace(
+        CONFIG, fit_dim=4, fit_steps=400, reference_lr=0.05, reference_batch_size=64
+    )
+    torch.manual_seed(0)
+    r_hat = semisynthetic.fit_reference_mf(user, item, rating, shape, config, "squared")
+    start = np.mean(rating**2)  # the loss at scores 0
+    assert np.mean((r_hat[user, item] - rating) ** 2) < 0.2 * start
+    torch.manual_seed(0)
+    s = semisynthetic.fit_reference_mf(user, item, None, shape, config, "logistic")
+    rated = np.zeros(shape, bool)
+    rated[user, item] = True
+    assert s[rated].mean() > s[~rated].mean() + 1.0
+    torch.manual_seed(0)
+    again = semisynthetic.fit_reference_mf(user, item, None, shape, config, "logistic")
+    np.testing.assert_array_equal(s, again)

@@ -88,14 +88,29 @@ class SubsetConfig:
         _check_range("min_user_interactions", self.min_user_interactions, 1, 10**7)
 
 
+SEMISYNTHETIC_GENERATORS: tuple[str, ...] = ("reference", "fitted")
+
+
 @dataclass(frozen=True)
 class SemisyntheticConfig:
+    """How the ground truth is made (ubo_core/datasets/semisynthetic.py, docs/DATA.md).
+
+    `generator`: "reference" follows Saito et al.'s generator (usaito/unbiased-implicit-rec),
+    as the paper says ("similar to Saito et al."): MFs without biases, Glorot-uniform
+    initialised, `fit_steps` Adam steps of `reference_batch_size` pairs drawn with
+    replacement at `reference_lr`, which stops them early (about 0.8 epoch of ML-100K's
+    ratings). "fitted": biased MFs fitted to convergence by full-batch Adam at `fit_lr` with
+    `fit_weight_decay` (this project's earlier generator)."""
+
     seed: int = 0
     n_test_items: int = 10
     relevance_eps: float = 5.0
     exposure_power: float = 1.0
+    generator: str = "reference"
     fit_dim: int = 20
     fit_steps: int = 300
+    reference_lr: float = 0.01
+    reference_batch_size: int = 256
     fit_lr: float = 0.05
     fit_weight_decay: float = 1e-4
     ml100k: SubsetConfig = field(default_factory=lambda: SubsetConfig(1682, 1))
@@ -108,6 +123,9 @@ class SemisyntheticConfig:
         _check_range("semisynthetic.fit_steps", self.fit_steps, 1, 10**6)
         _check_range("semisynthetic.fit_lr", self.fit_lr, 0.0, 10.0, True)
         _check_range("semisynthetic.fit_weight_decay", self.fit_weight_decay, 0.0, 10.0)
+        _check_range("semisynthetic.reference_lr", self.reference_lr, 0.0, 10.0, True)
+        _check_range("semisynthetic.reference_batch_size", self.reference_batch_size, 1, 10**7)
+        _check_choice("semisynthetic.generator", self.generator, SEMISYNTHETIC_GENERATORS)
 
     def subset(self, dataset: str) -> SubsetConfig:
         check_dataset(dataset, SEMISYNTHETIC_DATASETS)

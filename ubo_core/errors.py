@@ -15,6 +15,10 @@ class ConfigError(UboError):
     def __init__(self, key: str, problem: str, source: str | Path = "params.yaml") -> None:
         super().__init__(f"{source}: {key}: {problem}")
         self.key = key
+        self._args = (key, problem, source)
+
+    def __reduce__(self):  # picklable, so an error in a worker process reaches its parent
+        return type(self), self._args
 
 
 class DataError(UboError):
@@ -23,6 +27,10 @@ class DataError(UboError):
     def __init__(self, path: str | Path, problem: str) -> None:
         super().__init__(f"{path}: {problem}")
         self.path = Path(path)
+        self._args = (path, problem)
+
+    def __reduce__(self):
+        return type(self), self._args
 
 
 class TrainingDiverged(UboError):

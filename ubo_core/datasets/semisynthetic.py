@@ -5,12 +5,21 @@ minutes (`SubsetConfig`):
 1. Ground truth fitted to the real data. ML-100K: an MF fitted to the star ratings gives r_hat,
    gamma = sigmoid(clip(r_hat, 1, 5) - eps); a logistic MF fitted to the rated/unrated
    indicator gives the exposure score s, m = sigmoid(s) ** power.
-   Amazon CDs has no star ratings offline (the mirror holds interactions only), so both come
-   from one logistic MF with user and item biases fitted to the interaction indicator,
-   logit = b_u + b_i + p_u . q_i: m = sigmoid(logit) ** power exactly as for ML-100K, and
-   the preference part p_u . q_i, which is free of the popularity and activity biases,
-   standardised and mapped to pseudo-ratings r = clip(mean + std * z, 1, 5) with ML-100K's
-   rating mean and std, then gamma = sigmoid(r - eps) as for ML-100K.
+   `generator: reference` (default) fits both as Saito et al.'s generator does
+   (usaito/unbiased-implicit-rec, src/utils/data_generator.py): no bias terms, Glorot-uniform
+   initialisation, `fit_steps` Adam steps on `reference_batch_size` pairs drawn with
+   replacement (the ratings for r_hat; all N x M pairs with the rated indicator as label for
+   s). 300 x 256 draws are about 0.8 epoch of ML-100K's ratings and 0.05 of its pairs: the
+   fits stop early, so s is mostly a user plus an item effect and r_hat a smooth preference.
+   `generator: fitted` instead fits biased MFs (b_u + b_i + p_u . q_i) by full-batch Adam
+   until they reproduce the rated pattern (`fit_lr`, `fit_weight_decay`).
+   Amazon CDs has no star ratings offline (the mirror holds interactions only): a logistic MF
+   with user and item biases fitted to the interaction indicator, logit = b_u + b_i +
+   p_u . q_i, gives the relevance: its preference part p_u . q_i, free of the popularity and
+   activity biases, standardised and mapped to pseudo-ratings r = clip(mean + std * z, 1, 5)
+   with ML-100K's rating mean and std, then gamma = sigmoid(r - eps) as for ML-100K. Its
+   exposure is m = sigmoid(s) ** power with s from the generator's logistic MF (the
+   reference's on the indicator, or the same biased fit's logit).
 2. Training clicks: R ~ Bern(gamma), O ~ Bern(m) for every pair; the exposed pairs (O = 1)
    are the "rated" pairs, labelled R, so R~ = O * R.
 3. Test: for every user, `n_test_items` items drawn uniformly without replacement, each with a
@@ -53,6 +62,7 @@ def build_semisynthetic(
         raise DataError(raw_folder, f"raw data missing; run `dvc repro download@{name}` first")
     seeds = np.random.SeedSequence(config.seed).spawn(3)
     torch_seed = int(seeds[0].generate_state(1)[0])
+    reference = config.generator == "reference"
     if name == "ml100k":
         ratings = read_rating_table(raw_folder / "u.data", *ML100K_SHAPE, n_columns=4)
         source = _source_counts(ratings.user, ratings.item)
@@ -60,8 +70,12 @@ def build_semisynthetic(
         rating = ratings.rating[kept].astype(np.float64)
         shape = (int(user.max()) + 1, int(item.max()) + 1)
         with _deterministic_torch(torch_seed):
-            r_hat = fit_rating_mf(user, item, rating, shape, config)
-            exposure_logit, _ = fit_logistic_mf(user, item, shape, config)
+            if reference:
+                r_hat = fit_reference_mf(user, item, rating, shape, config, "squared")
+                exposure_logit = fit_reference_mf(user, item, None, shape, config, "logistic")
+            else:
+                r_hat = fit_rating_mf(user, item, rating, shape, config)
+                exposure_logit, _ = fit_logistic_mf(user, item, shape, config)
         relevance = _sigmoid(np.clip(r_hat, 1.0, 5.0) - config.relevance_eps)
     else:
         user, item, _, _ = read_interactions(raw_folder / "cds_interactions.tsv")
@@ -70,6 +84,8 @@ def build_semisynthetic(
         shape = (int(user.max()) + 1, int(item.max()) + 1)
         with _deterministic_torch(torch_seed):
             exposure_logit, preference = fit_logistic_mf(user, item, shape, config)
+            if reference:
+                exposure_logit = fit_reference_mf(user, item, None, shape, config, "logistic")
         z = (preference - preference.mean()) / preference.std()
         pseudo_rating = np.clip(PSEUDO_RATING_MEAN + PSEUDO_RATING_STD * z, 1.0, 5.0)
         relevance = _sigmoid(pseudo_rating - config.relevance_eps)
@@ -196,6 +212,57 @@ def fit_logistic_mf(
         preference = p @ q.T
         logit = b_u[:, None] + b_i[None, :] + preference
     return logit.numpy(), preference.numpy()
+
+
+def fit_reference_mf(
+    user: np.ndarray,
+    item: np.ndarray,
+    rating: np.ndarray | None,
+    shape: tuple[int, int],
+    config: SemisyntheticConfig,
+    loss: str,
+) -> np.ndarray:
+    """Saito et al.'s ground-truth MF: scores u_emb . i_emb (no biases; both tables Glorot
+    uniform, U(-a, a) with a = sqrt(6 / (rows + dim))), `fit_steps` Adam steps at
+    `reference_lr`, each on `reference_batch_size` examples drawn uniformly with replacement.
+    loss "squared": the examples are the rated pairs with their ratings (mean squared error);
+    "logistic": all N x M pairs with label 1 on the given pairs (mean log loss), `rating`
+    None. Returns the full (n_users, n_items) scores."""
+    n_users, n_items = shape
+    generator = torch.Generator().manual_seed(int(torch.initial_seed()))
+    tables = []
+    for rows in shape:
+        bound = (6.0 / (rows + config.fit_dim)) ** 0.5
+        uniform = torch.rand(rows, config.fit_dim, generator=generator, dtype=torch.float64)
+        tables.append(((2.0 * uniform - 1.0) * bound).requires_grad_())
+    user_emb, item_emb = tables
+    if loss == "squared":
+        assert rating is not None
+        users, items = torch.from_numpy(user), torch.from_numpy(item)
+        targets = torch.from_numpy(rating)
+    else:
+        indicator = torch.zeros(shape, dtype=torch.float64)
+        indicator[torch.from_numpy(user), torch.from_numpy(item)] = 1.0
+    optimizer = torch.optim.Adam(tables, lr=config.reference_lr)
+    size = config.reference_batch_size
+    for _ in range(config.fit_steps):
+        if loss == "squared":
+            pick = torch.randint(users.numel(), (size,), generator=generator)
+            u, i, y = users[pick], items[pick], targets[pick]
+        else:
+            u = torch.randint(n_users, (size,), generator=generator)
+            i = torch.randint(n_items, (size,), generator=generator)
+            y = indicator[u, i]
+        score = (user_emb[u] * item_emb[i]).sum(1)
+        if loss == "squared":
+            value = ((score - y) ** 2).mean()
+        else:
+            value = torch.nn.functional.binary_cross_entropy_with_logits(score, y)
+        optimizer.zero_grad()
+        value.backward()
+        optimizer.step()
+    with torch.no_grad():
+        return (user_emb @ item_emb.T).numpy()
 
 
 def _init_factors(n_users: int, n_items: int, dim: int) -> list[torch.Tensor]:
