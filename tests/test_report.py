@@ -150,6 +150,25 @@ def test_report_numbers_are_the_runs_means(study_store):
     assert list(curve.index) == [1, 2, 3] and np.isfinite(curve).all()
 
 
+def test_semisynthetic_tables_carry_the_draw_noise_and_the_reference_rankings(study_store):
+    """Per method: DCG@3 with the standard error over users of the seed-mean per-user DCG@3;
+    then the rankings by true gamma, true m and popularity of the processed test set."""
+    tracking.configure(tracking.default_tracking_uri(study_store), study_store)
+    study = report.collect(study_store, "study", DATASETS, METHODS, SEEDS)
+    assert "coat" not in study.references
+    names = [r.name for r in study.references["ml100k"]]
+    assert names == ["true_relevance", "true_exposure", "popularity"]
+    text = report.draw_noise_table(study, report.summary(study.runs), "ml100k")
+    users = pd.concat([study.per_user[("ml100k", "ubo", s)] for s in SEEDS], axis=1).mean(1)
+    se = users.std(ddof=1) / math.sqrt(len(users))
+    runs = study.runs
+    mean = runs[(runs.dataset == "ml100k") & (runs.method == "ubo")]["dcg@3"].mean()
+    ubo_line = next(line for line in text.splitlines() if line.startswith("| UBO |"))
+    assert ubo_line.startswith(f"| UBO | {mean:.3f} |") and ubo_line.endswith(f"| {se:.3f} |")
+    oracle = study.references["ml100k"][0]
+    assert f"ranked by the true γ (ceiling) | {oracle.metrics['dcg@3']:.3f} |" in text
+
+
 def test_report_never_mixes_versions_and_refuses_missing_runs(study_store, tmp_path, capsys):
     params = study_store / "params.yaml"
     original = params.read_text()
