@@ -2,23 +2,25 @@
 
     python benchmarks/fidelity.py run --row gradient_path [--datasets coat,yahoo]
         [--seeds 0,1,2] [--jobs 2]                     # train what the row needs (resumes)
-    python benchmarks/fidelity.py run --all            # every row
+    python benchmarks/fidelity.py run --all            # every row but the hours-long ones
     python benchmarks/fidelity.py table [--check]      # docs/FIDELITY.md's table from the runs
     python benchmarks/fidelity.py list                 # the rows and their variants
 
 A row names one open choice: the paper's words, our default and why, and its variants as
 config overrides (method knobs, train keys, or the validation stage's keys, for which the
 validation set is rebuilt in memory from the interim data). Every variant starts from the
-study's tuned values of params.yaml (`datasets:` layer) and changes only what the row says.
+study's tuned values of params.yaml (`datasets:` layer; the paper-mode rows start from the
+untuned values instead, since the tuned ones are dense mode's) and changes only what the row
+says. Each run uses one thread, so its numbers do not depend on the machine's core count.
 
-Each run trains up to `cap_epochs` with the test metrics tracked per epoch
-(`fit(track_test=True)`) and records the curve. A cell reports, over seeds (mean +- std):
+Each run trains up to a cap (CAP_EPOCHS, or the variant's) with the test metrics tracked per
+epoch (`fit(track_test=True)`) and records the curve. A cell reports, over seeds (mean ± std):
 the hyper-validation objective (best SNIPS DCG@3 over epochs, what tuning maximises) and the
 test DCG@3 at that epoch: the epoch is chosen on hyper-validation, the test set is read only
 to report (a variant with `select="last"` reports the last epoch instead, the paper's fixed
-budget). Runs are appended to `docs/fidelity/runs.jsonl` as they finish, keyed by everything
-that decides them (code version included), so a stopped run resumes and rows that share a
-variant (every row's default) train it once.
+budget). Runs are appended to `docs/fidelity/runs.jsonl` as they finish, keyed by the code
+version and the resolved configuration, so a stopped run resumes, a re-tuned params.yaml never
+reuses a stale run, and rows that share a variant (every row's default) train it once.
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ from ubo_core.datasets.validation import build_validation_sets  # noqa: E402
 from ubo_core.errors import UboError  # noqa: E402
 from ubo_core.methods import get_method, resolve_config  # noqa: E402
 from ubo_core.trainer import fit  # noqa: E402
+from ubo_core.tuning import untuned  # noqa: E402
 
 RUNS = REPO / "docs" / "fidelity" / "runs.jsonl"
 FIDELITY_MD = REPO / "docs" / "FIDELITY.md"
@@ -63,6 +66,8 @@ class Variant:
 
 
 DEFAULT = Variant("ours")
+PAPER_MODE = {"mode": "paper", "optimizer": "adam", "epochs": 100}
+PAPER_LAZY = {**PAPER_MODE, "optimizer": "lazy_adam"}
 
 
 @dataclass(frozen=True)
@@ -75,6 +80,9 @@ class Row:
     method: str = "ubo"
     datasets: tuple[str, ...] = ("coat", "yahoo")
     default: Variant = DEFAULT
+    seeds: tuple[int, ...] | None = None  # None: the command's --seeds
+    untuned: bool = False  # start from params.yaml without its tuned (dense-mode) layer
+    hours: bool = False  # hours of CPU per run: left out of `run --all`, run by --row
 
 
 ROWS: dict[str, Row] = {
@@ -212,6 +220,50 @@ ROWS: dict[str, Row] = {
             ),
             method="expomf",
         ),
+        Row(
+            "paper_mode_yahoo_umf",
+            "The paper's training setting on Yahoo: UMF",
+            '"Adam ... learning rate 10^-3 ... batch size 1024 ... training epoch as 100"',
+            "dense mode, tuned (the study); here paper mode from the untuned values, exact "
+            "Adam, weight decay chosen on hyper-validation among the variants",
+            tuple(
+                Variant(f"paper mode, exact Adam, wd {wd:g}", {**PAPER_MODE, "weight_decay": wd})
+                for wd in (0.0, 1e-5, 1e-4)
+            ),
+            method="umf",
+            datasets=("yahoo",),
+            seeds=(0,),
+            untuned=True,
+            hours=True,
+            default=Variant("dense mode, untuned", {"epochs": 100}),
+        ),
+        Row(
+            "paper_mode_yahoo_ubo",
+            "The paper's training setting on Yahoo: UBO",
+            '"Adam ... learning rate 10^-3 ... batch size 1024 ... training epoch as 100"',
+            "dense mode, tuned (the study); here paper mode from the untuned values, lazy Adam "
+            "(exact Adam costs 2 h per run on one core), weight decay, eta and eta' chosen on "
+            "hyper-validation among the variants",
+            (
+                *(
+                    Variant(f"paper mode, lazy Adam, wd {wd:g}", {**PAPER_LAZY, "weight_decay": wd})
+                    for wd in (0.0, 1e-5, 1e-4)
+                ),
+                Variant(
+                    "paper, lazy, wd 1e-5, eta 1",
+                    {**PAPER_LAZY, "weight_decay": 1e-5, "inner_lr": 1.0},
+                ),
+                Variant(
+                    "paper, lazy, wd 1e-5, eta' 1e-2",
+                    {**PAPER_LAZY, "weight_decay": 1e-5, "exposure_lr": 1e-2},
+                ),
+            ),
+            datasets=("yahoo",),
+            seeds=(0,),
+            untuned=True,
+            hours=True,
+            default=Variant("dense mode, untuned", {"epochs": 100}),
+        ),
     ]
 }
 
@@ -224,8 +276,9 @@ def run_key(
     re-tuned params.yaml never reuses a stale run, and rows whose variants resolve alike, as
     every row's default does, share their runs). One thread per run: the same numbers
     whatever the machine's core count."""
-    overrides = {**variant.overrides, "epochs": variant.epochs or CAP_EPOCHS[dataset]}
-    train, hyper = resolve_config(params, dataset, row.method, overrides | {"threads": 1})
+    overrides = {"epochs": variant.epochs or CAP_EPOCHS[dataset], **variant.overrides}
+    base = untuned(params) if row.untuned else params
+    train, hyper = resolve_config(base, dataset, row.method, overrides | {"threads": 1})
     if variant.scale:
         hyper = dataclasses.replace(
             hyper, **{k: getattr(hyper, k) * factor for k, factor in variant.scale.items()}
@@ -291,16 +344,17 @@ def train_one(key: dict[str, Any], data_dirs: tuple[str, str]) -> dict[str, Any]
 
 def needed(
     params: Params, rows: Iterable[Row], datasets: list[str] | None, seeds: list[int], version
-) -> dict[str, dict[str, Any]]:
+) -> dict[str, tuple[dict[str, Any], str]]:
+    """key text -> (key, a label naming the first row and variant that needs it)."""
     keys = {}
     for row in rows:
         for dataset in row.datasets:
             if datasets and dataset not in datasets:
                 continue
             for variant in (row.default, *row.variants):
-                for seed in seeds:
+                for seed in row.seeds or seeds:
                     key = run_key(params, row, variant, dataset, seed, version)
-                    keys[key_text(key)] = key
+                    keys.setdefault(key_text(key), (key, f"{row.name}: {variant.label}"))
     return keys
 
 
@@ -312,34 +366,34 @@ def run(rows: list[Row], datasets: list[str] | None, seeds: list[int], jobs: int
     data_dirs = (str(params.data.interim_dir), str(params.data.processed_dir))
     done = load_runs()
     wanted = needed(params, rows, datasets, seeds, version)
-    todo = [key for text, key in wanted.items() if text not in done]
+    todo = [job for text, job in wanted.items() if text not in done]
     # Yahoo first (long), so the short runs fill the gaps at the end.
-    todo.sort(key=lambda k: (k["dataset"] != "yahoo", k["seed"]))
+    todo.sort(key=lambda job: (job[0]["dataset"] != "yahoo", job[0]["seed"]))
     print(f"{len(todo)} runs to do at {version} ({len(wanted) - len(todo)} recorded)", flush=True)
     RUNS.parent.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     with ProcessPoolExecutor(jobs) as pool, RUNS.open("a") as out:
-        futures = {pool.submit(train_one, key, data_dirs): key for key in todo}
+        futures = {pool.submit(train_one, key, data_dirs): (key, label) for key, label in todo}
         for count, future in enumerate(as_completed(futures), 1):
             try:
                 record = future.result()
             except UboError as error:  # a bad variant: say which, go on with the others
-                print(f"error: {describe(futures[future])}: {error}", flush=True)
+                print(f"error: {describe(*futures[future])}: {error}", flush=True)
                 continue
             out.write(json.dumps(record) + "\n")  # one line per run: a kill loses only runs
             out.flush()  # in flight
             best = max(record["curve"], key=lambda p: p["hyper"])
             elapsed = time.perf_counter() - started
             print(
-                f"[{count}/{len(todo)} {elapsed / 60:.0f} min] {describe(record['key'])}: "
+                f"[{count}/{len(todo)} {elapsed / 60:.0f} min] {describe(*futures[future])}: "
                 f"hyper {best['hyper']:.4f} test {best['test']:.4f} at epoch {best['epoch']} "
                 f"({record['seconds']:.0f} s)",
                 flush=True,
             )
 
 
-def describe(key: dict[str, Any]) -> str:
-    return f"{key['dataset']} {key['method']} seed {key['seed']}"
+def describe(key: dict[str, Any], label: str) -> str:
+    return f"{key['dataset']} {key['method']} seed {key['seed']} ({label})"
 
 
 def cell(records: list[dict[str, Any]], select: str) -> tuple[str, str, int]:
@@ -357,6 +411,8 @@ def cell(records: list[dict[str, Any]], select: str) -> tuple[str, str, int]:
 def mean_std(values: list[float]) -> str:
     n = len(values)
     mean = sum(values) / n
+    if n == 1:
+        return f"{mean:.3f} (1 seed)"
     std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0
     return f"{mean:.3f} ± {std:.3f}"
 
@@ -397,7 +453,8 @@ def table(seeds: list[int], version: str | None = None) -> str:
                 if dataset not in row.datasets:
                     cells += ["", ""]
                     continue
-                keys = [run_key(params, row, variant, dataset, s, "") for s in seeds]
+                row_seeds = row.seeds or seeds
+                keys = [run_key(params, row, variant, dataset, s, "") for s in row_seeds]
                 records, at = cell_records(runs, keys, version)
                 if records is None:
                     missing += 1
@@ -448,7 +505,7 @@ def main() -> int:
     run_parser = sub.add_parser("run", help="train the runs a row needs (resumes)")
     pick = run_parser.add_mutually_exclusive_group(required=True)
     pick.add_argument("--row", action="append", choices=list(ROWS))
-    pick.add_argument("--all", action="store_true")
+    pick.add_argument("--all", action="store_true", help="every row but the hours-long ones")
     run_parser.add_argument("--datasets", help="comma-separated; default: the row's")
     run_parser.add_argument("--seeds", default="0,1,2")
     run_parser.add_argument("--jobs", type=int, default=2, help="runs side by side")
@@ -467,7 +524,10 @@ def main() -> int:
     seeds = [int(s) for s in args.seeds.split(",")]
     if args.command == "table":
         return write_table(seeds, args.check, args.code_version)
-    rows = list(ROWS.values()) if args.all else [ROWS[name] for name in args.row]
+    if args.all:
+        rows = [row for row in ROWS.values() if not row.hours]
+    else:
+        rows = [ROWS[name] for name in args.row]
     datasets = args.datasets.split(",") if args.datasets else None
     run(rows, datasets, seeds, args.jobs)
     return 0
