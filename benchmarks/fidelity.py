@@ -326,6 +326,13 @@ def train_one(key: dict[str, Any], data_dirs: tuple[str, str]) -> dict[str, Any]
         data = build_validation_sets(interim, ValidationConfig(**key["validation"]))
     else:
         data = FeedbackData.load(processed_dir / dataset / "dataset.npz")
+    return train_record(key, data)
+
+
+def train_record(key: dict[str, Any], data: FeedbackData) -> dict[str, Any]:
+    """Train the resolved `key` on `data` with the test metrics tracked; its record: the
+    per-epoch hyper-validation objective, validation loss, PCC (NaN on real sets) and test
+    DCG@3. benchmarks/power_sweep.py records its runs the same way."""
     train = TrainConfig(**key["train"])
     hyper = get_method(key["method"]).Hyper(**key["hyper"])
     started = time.perf_counter()
@@ -335,6 +342,7 @@ def train_one(key: dict[str, Any], data_dirs: tuple[str, str]) -> dict[str, Any]
             "epoch": report.epoch,
             "hyper": report.metrics["hyper_snips_dcg@3"],
             "val_loss": report.metrics["val_loss"],
+            "pcc": report.metrics.get("pcc", math.nan),
             "test": report.test["dcg@3"] if report.test else math.nan,
         }
         for report in result.history

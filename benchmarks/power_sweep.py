@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import sys
 import tempfile
 import time
@@ -32,14 +31,14 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchmarks.fidelity import train_record  # noqa: E402
 from flows.tracking import code_version  # noqa: E402
-from ubo_core.config import TrainConfig, load_params  # noqa: E402
+from ubo_core.config import load_params  # noqa: E402
 from ubo_core.data import FeedbackData  # noqa: E402
 from ubo_core.datasets.semisynthetic import build_semisynthetic  # noqa: E402
 from ubo_core.datasets.validation import build_validation_sets  # noqa: E402
-from ubo_core.methods import get_method, resolve_config  # noqa: E402
+from ubo_core.methods import resolve_config  # noqa: E402
 from ubo_core.reference_rankings import reference_rankings  # noqa: E402
-from ubo_core.trainer import fit  # noqa: E402
 
 RUNS = REPO / "docs" / "power_sweep" / "runs.jsonl"
 FIGURE = REPO / "docs" / "figures" / "power_sweep.png"
@@ -59,21 +58,7 @@ def build(dataset: str, power: float, folder: Path) -> tuple[Path, dict[str, Any
 
 
 def train_one(key: dict[str, Any], data_path: str) -> dict[str, Any]:
-    data = FeedbackData.load(Path(data_path))
-    train = TrainConfig(**key["train"])
-    hyper = get_method(key["method"]).Hyper(**key["hyper"])
-    started = time.perf_counter()
-    result = fit(key["method"], data, train, hyper, key["seed"], progress=False, track_test=True)
-    curve = [
-        {
-            "epoch": r.epoch,
-            "hyper": r.metrics["hyper_snips_dcg@3"],
-            "pcc": r.metrics.get("pcc", math.nan),
-            "test": r.test["dcg@3"] if r.test else math.nan,
-        }
-        for r in result.history
-    ]
-    return {"key": key, "curve": curve, "seconds": round(time.perf_counter() - started, 1)}
+    return train_record(key, FeedbackData.load(Path(data_path)))
 
 
 def load_runs() -> dict[str, dict[str, Any]]:

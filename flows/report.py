@@ -116,6 +116,13 @@ class Study:
     # Semi-synthetic sets: the test set ranked by the truth and by popularity (no training).
     references: dict[str, list[ReferenceRanking]] = field(default_factory=dict)
 
+    @staticmethod
+    def seed_series(
+        store: dict[tuple[str, str, int], pd.Series], dataset: str, method: str, seeds
+    ) -> list[pd.Series]:
+        """The series `store` (per_user or pcc_curves) holds for each seed, where it has one."""
+        return [store[(dataset, method, s)] for s in seeds if (dataset, method, s) in store]
+
 
 def collect(
     repo: Path,
@@ -406,11 +413,7 @@ def draw_noise_table(study: Study, table: pd.DataFrame, dataset: str) -> str:
         "|---|---|---|---|",
     ]
     for method in ALL_METHODS:
-        per_user = [
-            study.per_user[(dataset, method, s)]
-            for s in study.seeds
-            if (dataset, method, s) in study.per_user
-        ]
+        per_user = Study.seed_series(study.per_user, dataset, method, study.seeds)
         if not per_user:
             continue
         users = pd.concat(per_user, axis=1).mean(axis=1)  # one value per user: seed mean
@@ -683,11 +686,7 @@ def figures(study: Study, out: Path) -> list[Path]:
         colors = dict(zip(PCC_METHODS, ("#2980b9", "#27ae60", "#8e44ad", "#c0392b"), strict=True))
         for ax, dataset in zip(axes[0], semi, strict=True):
             for method in PCC_METHODS:
-                seeds = [
-                    study.pcc_curves[(dataset, method, s)]
-                    for s in study.seeds
-                    if (dataset, method, s) in study.pcc_curves
-                ]
+                seeds = Study.seed_series(study.pcc_curves, dataset, method, study.seeds)
                 if not seeds:
                     continue
                 curves = pd.concat(seeds, axis=1)
