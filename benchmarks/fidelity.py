@@ -37,6 +37,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
@@ -471,9 +473,11 @@ def table(seeds: list[int], version: str | None = None) -> str:
                 hyper, test, capped = cell(records, variant.select)
                 used.append(at)
                 cells += [hyper, test + ("*" * bool(capped))]
-            label = "**ours**" if variant is row.default else variant.label
+            label = f"**{variant.label}**" if variant is row.default else variant.label
             method = "" if row.method == "ubo" else f"{row.method}: "
-            head = (row.choice, row.paper, row.ours) if number == 0 else ("", "", "")
+            # A "|" inside a cell (N(y | m, ...)) would split it: markdown's escape.
+            head = tuple(t.replace("|", "\\|") for t in (row.choice, row.paper, row.ours))
+            head = head if number == 0 else ("", "", "")
             command = f"`fidelity.py run --row {row.name}`" if number == 0 else ""
             lines.append(
                 f"| {' | '.join(head)} | {method}{label} | {' | '.join(cells)} | {command} |"
@@ -487,6 +491,36 @@ def table(seeds: list[int], version: str | None = None) -> str:
         "of params.yaml) unless the variant names another method. Code version(s): "
         f"{versions}." + (f" {missing} cells not run yet." if missing else "")
     )
+    return "\n".join(lines)
+
+
+def agreement() -> str:
+    """How far the hyper-validation objective (SNIPS DCG@3, what tuning and epoch selection
+    maximise) agrees with the test DCG@3, per data set and method over every recorded run:
+    Spearman's rho across runs (each at its best hyper-validation epoch: does a higher
+    objective pick a better configuration?) and within runs over the epochs (does it pick the
+    right epoch?). Read after the fact; nothing is selected with it."""
+    from scipy import stats
+
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for record in load_runs().values():
+        groups.setdefault((record["key"]["dataset"], record["key"]["method"]), []).append(record)
+    lines = [
+        "| data set | method | runs | rho across runs (p) | mean rho over epochs within a run |",
+        "|---|---|---:|---:|---:|",
+    ]
+    for (dataset, method), records in sorted(groups.items()):
+        best = [max(r["curve"], key=lambda p: p["hyper"]) for r in records]
+        across = stats.spearmanr([b["hyper"] for b in best], [b["test"] for b in best])
+        within = [
+            stats.spearmanr([p["hyper"] for p in r["curve"]], [p["test"] for p in r["curve"]])[0]
+            for r in records
+            if len(r["curve"]) > 2
+        ]
+        lines.append(
+            f"| {dataset} | {method} | {len(records)} | {across[0]:+.2f} ({across[1]:.3f}) "
+            f"| {float(np.nanmean(within)):+.2f} |"
+        )
     return "\n".join(lines)
 
 
@@ -522,12 +556,16 @@ def main() -> int:
     table_parser.add_argument("--check", action="store_true", help="fail if out of date")
     table_parser.add_argument("--code-version", help="default: that of the last recorded run")
     sub.add_parser("list", help="the rows and their variants")
+    sub.add_parser("agreement", help="hyper-validation objective against test, after the fact")
     args = parser.parse_args()
     if args.command == "list":
         for row in ROWS.values():
             print(f"{row.name}: {row.choice} [{row.method}; {', '.join(row.datasets)}]")
             for variant in row.variants:
                 print(f"    {variant.label}")
+        return 0
+    if args.command == "agreement":
+        print(agreement())
         return 0
     seeds = [int(s) for s in args.seeds.split(",")]
     if args.command == "table":
