@@ -156,6 +156,7 @@ def plot(args: argparse.Namespace) -> None:
     methods = list(dict.fromkeys(m for m, _ in points))
     powers = sorted(references)
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    colors = dict(zip(methods, plt.get_cmap("tab10").colors, strict=False))  # same in both
     for method in methods:
         xs = [p for p in powers if (method, p) in points]
         dcg = [np.array([v[0] for v in points[(method, p)]]) for p in xs]
@@ -167,6 +168,7 @@ def plot(args: argparse.Namespace) -> None:
             label=method,
             marker="o",
             capsize=3,
+            color=colors[method],
         )
         if not all(np.isnan(c).all() for c in pcc):
             right.errorbar(
@@ -176,6 +178,7 @@ def plot(args: argparse.Namespace) -> None:
                 label=method,
                 marker="o",
                 capsize=3,
+                color=colors[method],
             )
     for name, style in (("true_relevance", "--"), ("popularity", ":")):
         left.plot(
