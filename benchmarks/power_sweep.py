@@ -157,29 +157,18 @@ def plot(args: argparse.Namespace) -> None:
     powers = sorted(references)
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
     colors = dict(zip(methods, plt.get_cmap("tab10").colors, strict=False))  # same in both
+
+    def errorbars(ax, xs: list[float], samples: list, method: str) -> None:
+        means, stds = [x.mean() for x in samples], [x.std(ddof=1) for x in samples]
+        ax.errorbar(xs, means, stds, label=method, marker="o", capsize=3, color=colors[method])
+
     for method in methods:
         xs = [p for p in powers if (method, p) in points]
         dcg = [np.array([v[0] for v in points[(method, p)]]) for p in xs]
         pcc = [np.array([v[1] for v in points[(method, p)]]) for p in xs]
-        left.errorbar(
-            xs,
-            [d.mean() for d in dcg],
-            [d.std(ddof=1) for d in dcg],
-            label=method,
-            marker="o",
-            capsize=3,
-            color=colors[method],
-        )
+        errorbars(left, xs, dcg, method)
         if not all(np.isnan(c).all() for c in pcc):
-            right.errorbar(
-                xs,
-                [c.mean() for c in pcc],
-                [c.std(ddof=1) for c in pcc],
-                label=method,
-                marker="o",
-                capsize=3,
-                color=colors[method],
-            )
+            errorbars(right, xs, pcc, method)
     for name, style in (("true_relevance", "--"), ("popularity", ":")):
         left.plot(
             powers,

@@ -104,8 +104,16 @@ def test_errors_survive_pickling():
     """A worker process's error reaches its parent whole (ProcessPoolExecutor pickles it)."""
     import pickle
 
-    from ubo_core.errors import DataError
+    from ubo_core.errors import DataError, TrainingDiverged
+    from ubo_core.metrics import MetricError
 
-    for error in (ConfigError("train.lr", "bad", "x.yaml"), DataError("a/b.npz", "missing")):
+    errors = (
+        ConfigError("train.lr", "bad", "x.yaml"),
+        ConfigError("train.lr", "bad", source="y.yaml"),
+        DataError("a/b.npz", "missing"),
+        TrainingDiverged("ubo diverged"),
+        MetricError("no user"),
+    )
+    for error in errors:
         again = pickle.loads(pickle.dumps(error))
         assert type(again) is type(error) and str(again) == str(error)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -72,8 +73,8 @@ class ValidationConfig:
     def __post_init__(self) -> None:
         _check_range("validation.active_user_fraction", self.active_user_fraction, 0.0, 1.0, True)
         _check_range("validation.hyper_fraction", self.hyper_fraction, 0.0, 1.0, True)
-        _check_choice("validation.negative", self.negative, VALIDATION_NEGATIVES)
-        _check_choice("validation.popularity", self.popularity, VALIDATION_POPULARITY)
+        check_choice("validation.negative", self.negative, VALIDATION_NEGATIVES)
+        check_choice("validation.popularity", self.popularity, VALIDATION_POPULARITY)
 
 
 @dataclass(frozen=True)
@@ -125,7 +126,7 @@ class SemisyntheticConfig:
         _check_range("semisynthetic.fit_weight_decay", self.fit_weight_decay, 0.0, 10.0)
         _check_range("semisynthetic.reference_lr", self.reference_lr, 0.0, 10.0, True)
         _check_range("semisynthetic.reference_batch_size", self.reference_batch_size, 1, 10**7)
-        _check_choice("semisynthetic.generator", self.generator, SEMISYNTHETIC_GENERATORS)
+        check_choice("semisynthetic.generator", self.generator, SEMISYNTHETIC_GENERATORS)
 
     def subset(self, dataset: str) -> SubsetConfig:
         check_dataset(dataset, SEMISYNTHETIC_DATASETS)
@@ -333,6 +334,8 @@ def _check_range(
         raise ConfigError(key, f"{value!r} is out of range {bracket}{low}, {high}]")
 
 
-def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
+def check_choice(key: str, value: str, choices: Iterable[str]) -> None:
+    """ConfigError naming `key` unless `value` is one of `choices` (every enumerated knob)."""
+    choices = list(choices)
     if value not in choices:
-        raise ConfigError(key, f"unknown value {value!r}; expected one of {list(choices)}")
+        raise ConfigError(key, f"unknown value {value!r}; expected one of {choices}")

@@ -6,7 +6,24 @@ from pathlib import Path
 
 
 class UboError(Exception):
-    """Base class of every error that ends a stage with a one-line message."""
+    """Base class of every error that ends a stage with a one-line message.
+
+    Picklable whatever a subclass's constructor takes (an error raised in a worker process
+    reaches its parent whole): the constructor's arguments are recorded and replayed.
+    """
+
+    def __new__(cls, *args: object, **kwargs: object) -> UboError:
+        error = super().__new__(cls, *args)
+        error._init = (args, kwargs)
+        return error
+
+    def __reduce__(self):
+        args, kwargs = self._init
+        return _rebuild, (type(self), args, kwargs)
+
+
+def _rebuild(cls: type[UboError], args: tuple, kwargs: dict) -> UboError:
+    return cls(*args, **kwargs)
 
 
 class ConfigError(UboError):
@@ -15,10 +32,6 @@ class ConfigError(UboError):
     def __init__(self, key: str, problem: str, source: str | Path = "params.yaml") -> None:
         super().__init__(f"{source}: {key}: {problem}")
         self.key = key
-        self._args = (key, problem, source)
-
-    def __reduce__(self):  # picklable, so an error in a worker process reaches its parent
-        return type(self), self._args
 
 
 class DataError(UboError):
@@ -27,10 +40,6 @@ class DataError(UboError):
     def __init__(self, path: str | Path, problem: str) -> None:
         super().__init__(f"{path}: {problem}")
         self.path = Path(path)
-        self._args = (path, problem)
-
-    def __reduce__(self):
-        return type(self), self._args
 
 
 class TrainingDiverged(UboError):

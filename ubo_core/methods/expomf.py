@@ -63,7 +63,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ubo_core.config import TrainConfig
+from ubo_core.config import TrainConfig, check_choice
 from ubo_core.engine import Batch, TrainingTensors
 from ubo_core.errors import ConfigError, UboError
 from ubo_core.methods.base import Method
@@ -100,11 +100,8 @@ class ExpoMFHyper:
         for key in ("alpha1", "alpha2"):
             # Below 1 the Beta prior's mode is at the boundary and (5) is no maximiser.
             _check(key, getattr(self, key), lambda v: 1.0 <= v <= 1e9, "[1, 1e9]")
-        for key, choices in (("density_constant", DENSITY_OFFSETS), ("rank_by", RANKINGS)):
-            if getattr(self, key) not in choices:
-                raise ConfigError(
-                    key, f"unknown value {getattr(self, key)!r}; expected one of {list(choices)}"
-                )
+        check_choice("density_constant", self.density_constant, DENSITY_OFFSETS)
+        check_choice("rank_by", self.rank_by, RANKINGS)
 
     @property
     def density_offset(self) -> float:

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ubo_core.config import TrainConfig
+from ubo_core.config import TrainConfig, check_choice
 from ubo_core.engine import Batch, TrainingTensors
 from ubo_core.errors import ConfigError
 from ubo_core.estimators import log_loss, low_variance_derivatives, low_variance_loss
@@ -73,12 +73,7 @@ class ExposureHyper:
                 raise ConfigError(key, f"{getattr(self, key)!r} is out of range (0, 100]")
         if not self.exposure_weight_decay >= 0:  # NaN fails this too
             raise ConfigError("exposure_weight_decay", "must be >= 0")
-        if self.exposure_optimizer not in EXPOSURE_OPTIMIZERS:
-            raise ConfigError(
-                "exposure_optimizer",
-                f"unknown optimizer {self.exposure_optimizer!r}; "
-                f"expected one of {list(EXPOSURE_OPTIMIZERS)}",
-            )
+        check_choice("exposure_optimizer", self.exposure_optimizer, EXPOSURE_OPTIMIZERS)
         if not -20.0 <= self.gate_init_bias <= 20.0:
             raise ConfigError(
                 "gate_init_bias", f"{self.gate_init_bias!r} is out of range [-20, 20]"
