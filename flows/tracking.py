@@ -69,7 +69,7 @@ from ubo_core.methods import METHODS, get_method, resolve_config
 from ubo_core.methods.base import Method
 from ubo_core.metrics import RankingTask, per_user_metrics
 from ubo_core.train import DATASET_FILE, load_processed
-from ubo_core.trainer import KS, EpochReport
+from ubo_core.trainer import KS, UNEXPOSED_PREFIX, EpochReport
 
 DEFAULT_EXPERIMENT = "ubo"
 
@@ -86,9 +86,12 @@ PARENT_TAG = "mlflow.parentRunId"
 TEST_METRICS: tuple[str, ...] = tuple(
     f"{name}@{k}" for name in ("dcg", "map", "recall") for k in KS
 )
+# The same on semi-synthetic data's second test protocol (relevant-but-unexposed items).
+UNEXPOSED_TEST_METRICS: tuple[str, ...] = tuple(f"{UNEXPOSED_PREFIX}{m}" for m in TEST_METRICS)
 # Every final (per-run) metric, in the project's names; `aggregate` averages these.
 FINAL_METRICS: tuple[str, ...] = (
     *TEST_METRICS,
+    *UNEXPOSED_TEST_METRICS,
     "pcc",
     "wall_seconds",
     "train_seconds",
@@ -956,6 +959,7 @@ __all__ = [
     "DEFAULT_EXPERIMENT",
     "FINAL_METRICS",
     "TEST_METRICS",
+    "UNEXPOSED_TEST_METRICS",
     "ChildRun",
     "aggregate",
     "aggregate_runs",

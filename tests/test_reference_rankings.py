@@ -58,3 +58,21 @@ def test_real_data_is_refused():
     real = FeedbackData(**{**data.__dict__, "true_relevance": None, "true_exposure": None})
     with pytest.raises(DataError, match="semi-synthetic"):
         reference_rankings(real)
+
+
+def test_the_unexposed_protocol_ranks_its_own_lists():
+    """User 0's list: items 1 (positive) and 2; user 1's: items 0 and 2 (positive). By gamma
+    user 0 ranks 2 (0.2) over 1 (0.1): positive second; user 1 ranks 2 (0.3) over 0 (0.1):
+    positive first."""
+    data = FeedbackData(
+        **{
+            **tiny().__dict__,
+            "unexposed_test_user": np.array([0, 0, 1, 1], np.int32),
+            "unexposed_test_item": np.array([1, 2, 0, 2], np.int32),
+            "unexposed_test_label": np.array([1, 0, 0, 1], np.int8),
+        }
+    )
+    results = {r.name: r for r in reference_rankings(data, "unexposed")}
+    np.testing.assert_allclose(results["true_relevance"].per_user_dcg3, [1 / math.log2(3), 1.0])
+    with pytest.raises(DataError, match="no unexposed test lists"):
+        reference_rankings(tiny(), "unexposed")

@@ -394,3 +394,81 @@ def test_reference_fits_learn_what_they_are_given():
     torch.manual_seed(0)
     again = semisynthetic.fit_reference_mf(user, item, None, shape, config, "logistic")
     np.testing.assert_array_equal(s, again)
+
+
+# ---------------------------------------------------------------- the unexposed test protocol
+
+
+def test_unexposed_test_lists_hand_worked():
+    """3 users x 5 items. Positives (R = 1, O = 0): user 0 items 1, 3; user 1 none; user 2
+    item 4. Candidate negatives: the items that are someone's positive, {1, 3, 4}, minus the
+    user's relevant items: user 0 (relevant 0, 1, 3) keeps {4}; user 2 (relevant 2, 4) keeps
+    {1, 3}, of which n_negatives = 1 is drawn."""
+    relevant = np.array([[1, 1, 0, 1, 0], [1, 0, 0, 0, 0], [0, 0, 1, 0, 1]], dtype=bool)
+    exposed = np.array([[1, 0, 0, 0, 1], [1, 1, 1, 1, 1], [0, 0, 1, 0, 0]], dtype=bool)
+    lists = semisynthetic.unexposed_test_lists(relevant, exposed, 1, np.random.default_rng(0))
+    assert lists["unexposed_test_user"].tolist() == [0, 0, 0, 2, 2]
+    assert lists["unexposed_test_item"][:3].tolist() == [1, 3, 4]
+    assert lists["unexposed_test_label"].tolist() == [1, 1, 0, *lists["unexposed_test_label"][3:]]
+    user2 = dict(
+        zip(
+            lists["unexposed_test_item"][3:].tolist(),
+            lists["unexposed_test_label"][3:].tolist(),
+            strict=True,
+        )
+    )
+    assert user2[4] == 1 and len(user2) == 2 and set(user2) - {4} <= {1, 3}
+    assert sorted(user2.values()) == [0, 1]
+    # With more negatives than the pool, all of it: user 2 gets both 1 and 3.
+    lists = semisynthetic.unexposed_test_lists(relevant, exposed, 100, np.random.default_rng(0))
+    assert lists["unexposed_test_item"][3:].tolist() == [1, 3, 4]
+    assert lists["unexposed_test_label"][3:].tolist() == [0, 0, 1]
+
+
+def test_unexposed_test_lists_need_a_relevant_unexposed_pair():
+    relevant = np.array([[1, 0], [0, 1]], dtype=bool)
+    with pytest.raises(DataError, match="no relevant unexposed pair"):
+        semisynthetic.unexposed_test_lists(relevant, relevant, 5, np.random.default_rng(0))
+
+
+def test_sample_feedback_adds_the_unexposed_lists_from_the_training_draw():
+    train_seed, test_seed = seeds(4)
+    plain = sample_feedback(GAMMA, EXPOSURE, 3, train_seed, test_seed)
+    both = sample_feedback(
+        GAMMA,
+        EXPOSURE,
+        3,
+        train_seed,
+        test_seed,
+        unexposed_negatives=2,
+        unexposed_seed=np.random.SeedSequence(9),
+    )
+    # The first protocol's draws do not move.
+    for name in ("train_user", "train_item", "train_label", "test_item", "test_label"):
+        np.testing.assert_array_equal(getattr(both, name), getattr(plain, name))
+    assert plain.unexposed_test_user is None
+    user, item, label = (
+        both.unexposed_test_user,
+        both.unexposed_test_item,
+        both.unexposed_test_label,
+    )
+    exposed = set(zip(both.train_user.tolist(), both.train_item.tolist(), strict=True))
+    for u, i, y in zip(user.tolist(), item.tolist(), label.tolist(), strict=True):
+        if y == 1:  # relevant and unexposed: never a training pair, gamma > 0
+            assert (u, i) not in exposed and GAMMA[u, i] > 0
+        else:  # a sampled negative is never relevant where gamma = 1
+            assert GAMMA[u, i] < 1
+    # Row 1 is never exposed: its gamma = 1 cells (items 0 and 4) are always positives.
+    assert {0, 4} <= set(item[(user == 1) & (label == 1)].tolist())
+    assert both.counts()["n_unexposed_test_pos"] == int(label.sum())
+
+
+def test_unexposed_lists_belong_to_semisynthetic_data_and_come_whole(ml100k_data):
+    assert ml100k_data.unexposed_test_user is not None
+    ml100k_data.check("x")
+    partial = dataclasses.replace(ml100k_data, unexposed_test_label=None)
+    with pytest.raises(DataError, match="incomplete unexposed test set"):
+        partial.check("x")
+    real = dataclasses.replace(ml100k_data, true_exposure=None, true_relevance=None)
+    with pytest.raises(DataError, match="semi-synthetic data only"):
+        real.check("x")

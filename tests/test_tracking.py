@@ -22,6 +22,7 @@ from flows import tracking
 from flows.tracking import (
     FINAL_METRICS,
     TEST_METRICS,
+    UNEXPOSED_TEST_METRICS,
     aggregate,
     code_version,
     configure,
@@ -40,6 +41,7 @@ from flows.tracking import (
 )
 from ubo_core.config import Params, load_params
 from ubo_core.data import FeedbackData
+from ubo_core.datasets.semisynthetic import unexposed_test_lists
 from ubo_core.datasets.validation import build_validation_sets
 from ubo_core.errors import DataError
 from ubo_core.methods.umf import UMF
@@ -67,6 +69,8 @@ def write_processed(root: Path, dataset: str, semisynthetic: bool = False) -> No
         truth = {
             "true_relevance": np.where(likes, 0.8, 0.2),
             "true_exposure": rng.uniform(0.05, 0.95, (n_users, n_items)),
+            # The second test protocol: liked but unrated items against the others.
+            **unexposed_test_lists(likes, rated, 3, np.random.default_rng(1)),
         }
     data = FeedbackData(
         n_users,
@@ -173,7 +177,8 @@ def test_train_and_log_logs_params_tags_curves_metrics_and_artifacts(store):
     assert child.metrics["dcg@1"] == child.metrics["map@1"]  # DCG@1 = MAP@1 by definition
     assert child.metrics["wall_seconds"] > 0 and child.metrics["peak_memory_mib"] > 0
     assert "pcc" not in child.metrics  # real data: no true exposure
-    assert set(child.metrics) == set(FINAL_METRICS) - {"pcc"}
+    # Real data: no true exposure, no second (relevant-but-unexposed) test protocol.
+    assert set(child.metrics) == set(FINAL_METRICS) - {"pcc", *UNEXPOSED_TEST_METRICS}
 
     assert artifact_paths(child.run_id) == {"config.json", "model", "exposure", "test"}
     assert artifact_paths(child.run_id, "model") == {"model/state.pt", "model/config.json"}

@@ -284,3 +284,12 @@ def test_apply_takes_the_study_a_tune_run_used_last(mlflow_store):
     assert results[0] == results[2] != results[1]
     experiment = MlflowClient().get_experiment_by_name("ubo-tuning").experiment_id
     assert latest_choices(experiment) == {"coat": {"umf": results[0]}}
+
+
+def test_the_unexposed_test_lists_are_not_loaded_for_tuning(tmp_path):
+    write_processed(tmp_path, "ml100k", semisynthetic=True)
+    path = tmp_path / "processed" / "ml100k" / "dataset.npz"
+    full = FeedbackData.load(path)
+    assert full.unexposed_test_user is not None  # the builder wrote them
+    tuning = FeedbackData.load(path, with_test=False)
+    assert tuning.unexposed_test_user is None and tuning.unexposed_test_label is None

@@ -101,10 +101,16 @@ class SemisyntheticConfig:
     initialised, `fit_steps` Adam steps of `reference_batch_size` pairs drawn with
     replacement at `reference_lr`, which stops them early (about 0.8 epoch of ML-100K's
     ratings). "fitted": biased MFs fitted to convergence by full-batch Adam at `fit_lr` with
-    `fit_weight_decay` (this project's earlier generator)."""
+    `fit_weight_decay` (this project's earlier generator).
+
+    `unexposed_test_negatives`: the second test protocol, Saito et al.'s (their
+    src/evaluator.py): each user's relevant but unclicked items of the training draw
+    (R = 1, O = 0) ranked against up to this many sampled non-relevant items. The paper
+    says only that it evaluates "similarly" to its real data sets; the study reports both."""
 
     seed: int = 0
     n_test_items: int = 10
+    unexposed_test_negatives: int = 100
     relevance_eps: float = 5.0
     exposure_power: float = 1.0
     generator: str = "reference"
@@ -119,6 +125,9 @@ class SemisyntheticConfig:
 
     def __post_init__(self) -> None:
         _check_range("semisynthetic.n_test_items", self.n_test_items, 2, 10**6)
+        _check_range(
+            "semisynthetic.unexposed_test_negatives", self.unexposed_test_negatives, 1, 10**6
+        )
         _check_range("semisynthetic.exposure_power", self.exposure_power, 0.0, 100.0, True)
         _check_range("semisynthetic.fit_dim", self.fit_dim, 1, 1024)
         _check_range("semisynthetic.fit_steps", self.fit_steps, 1, 10**6)

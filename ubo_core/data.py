@@ -19,11 +19,13 @@ import numpy as np
 from ubo_core.errors import DataError
 from ubo_core.fileio import load_npz, save_npz
 
-_PAIR_GROUPS = ("train", "test", "val", "hyper")
+_PAIR_GROUPS = ("train", "test", "unexposed_test", "val", "hyper")
 # What `FeedbackData.load(with_test=False)` never reads: tuning must not see the test set.
-# true_relevance is the gamma the semi-synthetic test labels are drawn from: test information.
+# true_relevance is the gamma the semi-synthetic test labels are drawn from, and the
+# unexposed test lists are semi-synthetic's second test set: test information.
 TEST_ARRAYS = ("test_user", "test_item", "test_label", "eval_users")
-TEST_DERIVED = ("true_relevance",)
+UNEXPOSED_TEST_ARRAYS = ("unexposed_test_user", "unexposed_test_item", "unexposed_test_label")
+TEST_DERIVED = ("true_relevance", *UNEXPOSED_TEST_ARRAYS)
 _OPTIONAL_GROUPS = ("val", "hyper")
 
 
@@ -37,6 +39,9 @@ class FeedbackData:
       validation stage), both removed from training; excluded_*: every pair removed from
       the dense training matrix (val and hyper pairs, positives and unlabeled).
     true_relevance / true_exposure: (n_users, n_items) gamma and m, semi-synthetic only.
+    unexposed_test_*: semi-synthetic only, the second test protocol (Saito et al.'s): each
+      user's relevant but unclicked pairs against sampled non-relevant items
+      (ubo_core/datasets/semisynthetic.py, `unexposed_test_lists`).
     """
 
     n_users: int
@@ -58,6 +63,9 @@ class FeedbackData:
     hyper_label: np.ndarray | None = None
     excluded_user: np.ndarray | None = None
     excluded_item: np.ndarray | None = None
+    unexposed_test_user: np.ndarray | None = None
+    unexposed_test_item: np.ndarray | None = None
+    unexposed_test_label: np.ndarray | None = None
 
     @property
     def is_semisynthetic(self) -> bool:
@@ -97,6 +105,11 @@ class FeedbackData:
             summary["mean_true_exposure"] = round(float(self.true_exposure.mean()), 6)
             assert self.true_relevance is not None
             summary["mean_true_relevance"] = round(float(self.true_relevance.mean()), 6)
+        if self.unexposed_test_label is not None:
+            assert self.unexposed_test_user is not None
+            summary["n_unexposed_test_pos"] = int((self.unexposed_test_label == 1).sum())
+            summary["n_unexposed_test_pairs"] = int(self.unexposed_test_label.size)
+            summary["n_unexposed_test_users"] = int(np.unique(self.unexposed_test_user).size)
         if self.has_validation:
             assert self.val_label is not None and self.hyper_label is not None
             assert self.excluded_user is not None
@@ -159,11 +172,16 @@ class FeedbackData:
         if present and len(present) != len(validation_arrays):
             missing = sorted(set(validation_arrays) - set(present))
             raise DataError(where, f"incomplete validation sets: missing {missing}")
+        unexposed = [getattr(self, name) is not None for name in UNEXPOSED_TEST_ARRAYS]
+        if any(unexposed) and not all(unexposed):
+            raise DataError(where, f"incomplete unexposed test set: need {UNEXPOSED_TEST_ARRAYS}")
+        if any(unexposed) and self.true_exposure is None:
+            raise DataError(where, "unexposed_test_* arrays belong to semi-synthetic data only")
         for group in _PAIR_GROUPS:
-            if group == "test" and not with_test:
+            if group in ("test", "unexposed_test") and not with_test:
                 continue
             user, item, label = (getattr(self, f"{group}_{k}") for k in ("user", "item", "label"))
-            if user is None and group in _OPTIONAL_GROUPS:
+            if user is None and group in (*_OPTIONAL_GROUPS, "unexposed_test"):
                 continue
             _check_pairs(where, group, user, item, self.n_users, self.n_items)
             if label.shape != user.shape:

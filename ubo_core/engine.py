@@ -116,6 +116,14 @@ class TrainingTensors:
             if data.has_test
             else None
         )
+        # Semi-synthetic only: the second test protocol (relevant-but-unexposed items).
+        self.unexposed_test_task = (
+            RankingTask.from_pairs(
+                data.unexposed_test_user, data.unexposed_test_item, data.unexposed_test_label
+            )
+            if data.has_test and data.unexposed_test_user is not None
+            else None
+        )
         assert data.hyper_user is not None and data.hyper_item is not None
         assert data.hyper_label is not None
         self.hyper_task = RankingTask.from_pairs(data.hyper_user, data.hyper_item, data.hyper_label)

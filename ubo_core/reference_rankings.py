@@ -8,7 +8,9 @@ On a semi-synthetic set the truth is known, so the test set can be ranked by it:
 - `popularity`: by n_i, the item's positives in the (simulated) training clicks, the
   popularity theta_i of Eq. 12 (the floor any exposure-aware method should clear).
 Each gives the test metrics and the per-user DCG@3, whose standard error over users is the
-test draw's noise (one fixed draw of `n_test_items` Bernoulli labels per user).
+test draw's noise (one fixed draw of `n_test_items` Bernoulli labels per user). The same
+rankings on the second protocol's lists (`protocol="unexposed"`: relevant but unexposed items
+against sampled non-relevant ones, ubo_core/datasets/semisynthetic.py) show its ceiling too.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ubo_core.config import check_choice
 from ubo_core.data import FeedbackData
 from ubo_core.errors import DataError
 from ubo_core.metrics import RankingTask, per_user_metrics
@@ -49,15 +52,27 @@ def _score_matrices(data: FeedbackData) -> dict[str, Callable[[], np.ndarray]]:
 
 
 REFERENCE_RANKINGS = ("true_relevance", "true_exposure", "popularity")
+TEST_PROTOCOLS = ("random", "unexposed")
 
 
-def reference_rankings(data: FeedbackData) -> list[ReferenceRanking]:
-    """The three rankings of the module docstring on `data`'s test set."""
+def reference_rankings(data: FeedbackData, protocol: str = "random") -> list[ReferenceRanking]:
+    """The three rankings of the module docstring on `data`'s test set of `protocol`:
+    "random" (the random-exposure test items) or "unexposed" (the second protocol's lists)."""
     if not data.is_semisynthetic:
         raise DataError("reference rankings", "need a semi-synthetic data set (true gamma, m)")
     if not data.has_test:
         raise DataError("reference rankings", "the data set was loaded without its test split")
-    task = RankingTask.from_pairs(data.test_user, data.test_item, data.test_label, data.eval_users)
+    check_choice("protocol", protocol, TEST_PROTOCOLS)
+    if protocol == "random":
+        task = RankingTask.from_pairs(
+            data.test_user, data.test_item, data.test_label, data.eval_users
+        )
+    elif data.unexposed_test_user is None:
+        raise DataError("reference rankings", "the data set has no unexposed test lists")
+    else:
+        task = RankingTask.from_pairs(
+            data.unexposed_test_user, data.unexposed_test_item, data.unexposed_test_label
+        )
     results = []
     for name, matrix in _score_matrices(data).items():
         scores = task.gather(np.asarray(matrix(), dtype=np.float64))

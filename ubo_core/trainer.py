@@ -185,10 +185,20 @@ def task_scores(method: Method, task: RankingTask) -> np.ndarray:
     return scores
 
 
+# Metric-name prefix of the second semi-synthetic test protocol (`evaluate_test`).
+UNEXPOSED_PREFIX = "unexposed_"
+
+
 def evaluate_test(method: Method, tensors: TrainingTensors) -> dict[str, float]:
-    """DCG@K, MAP@K and Recall@K on the random-exposure test set."""
+    """DCG@K, MAP@K and Recall@K on the random-exposure test set; on semi-synthetic data also
+    on the relevant-but-unexposed lists (Saito et al.'s protocol), prefixed `unexposed_`."""
     assert tensors.test_task is not None, "loaded without its test split"
-    return ranking_metrics(task_scores(method, tensors.test_task), tensors.test_task, KS)
+    metrics = ranking_metrics(task_scores(method, tensors.test_task), tensors.test_task, KS)
+    task = tensors.unexposed_test_task
+    if task is not None:
+        unexposed = ranking_metrics(task_scores(method, task), task, KS)
+        metrics |= {f"{UNEXPOSED_PREFIX}{name}": value for name, value in unexposed.items()}
+    return metrics
 
 
 @torch.no_grad()

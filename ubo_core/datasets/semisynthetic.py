@@ -25,6 +25,12 @@ minutes (`SubsetConfig`):
 3. Test: for every user, `n_test_items` items drawn uniformly without replacement, each with a
    fresh relevance draw R ~ Bern(gamma) (random exposure, so no exposure bias), evaluated
    exactly like the real sets.
+4. A second test protocol, Saito et al.'s (their src/evaluator.py): per user, the relevant
+   but unclicked pairs of the training draw (R = 1, O = 0) against up to
+   `unexposed_test_negatives` items drawn without replacement from the items that are some
+   user's such positive, minus the user's own relevant items (`unexposed_test_*`). Those
+   positives are negatives in training (R~ = 0), so this protocol asks whether a method
+   recovers what exposure hid; the first asks how well it ranks a random list.
 Fits run in float64 on one CPU thread so the same seed gives the same bytes everywhere.
 """
 
@@ -60,7 +66,8 @@ def build_semisynthetic(
     check_dataset(name, SEMISYNTHETIC_DATASETS)
     if not raw_folder.is_dir():
         raise DataError(raw_folder, f"raw data missing; run `dvc repro download@{name}` first")
-    seeds = np.random.SeedSequence(config.seed).spawn(3)
+    # Children are keyed by index: a fourth leaves the first three (and their draws) as they were.
+    seeds = np.random.SeedSequence(config.seed).spawn(4)
     torch_seed = int(seeds[0].generate_state(1)[0])
     reference = config.generator == "reference"
     if name == "ml100k":
@@ -90,7 +97,15 @@ def build_semisynthetic(
         pseudo_rating = np.clip(PSEUDO_RATING_MEAN + PSEUDO_RATING_STD * z, 1.0, 5.0)
         relevance = _sigmoid(pseudo_rating - config.relevance_eps)
     exposure = _sigmoid(exposure_logit) ** config.exposure_power
-    data = sample_feedback(relevance, exposure, config.n_test_items, seeds[1], seeds[2])
+    data = sample_feedback(
+        relevance,
+        exposure,
+        config.n_test_items,
+        seeds[1],
+        seeds[2],
+        unexposed_negatives=config.unexposed_test_negatives,
+        unexposed_seed=seeds[3],
+    )
     data.check(raw_folder)
     return data, source
 
@@ -109,8 +124,11 @@ def sample_feedback(
     n_test_items: int,
     train_seed: np.random.SeedSequence,
     test_seed: np.random.SeedSequence,
+    unexposed_negatives: int | None = None,
+    unexposed_seed: np.random.SeedSequence | None = None,
 ) -> FeedbackData:
-    """Draw training clicks R~ = O * R and a random-exposure test set from gamma and m."""
+    """Draw training clicks R~ = O * R and a random-exposure test set from gamma and m; with
+    `unexposed_negatives`, also the relevant-but-unexposed test lists (module docstring, 4)."""
     n_users, n_items = relevance.shape
     if n_test_items > n_items:
         raise DataError("semisynthetic", f"n_test_items {n_test_items} > {n_items} items")
@@ -125,6 +143,12 @@ def sample_feedback(
     test_user = np.repeat(np.arange(n_users), n_test_items)
     test_item = test_items.ravel()
     test_label = (test_rng.random(test_item.size) < relevance[test_user, test_item]).astype(np.int8)
+    unexposed: dict[str, np.ndarray] = {}
+    if unexposed_negatives is not None:
+        assert unexposed_seed is not None
+        unexposed = unexposed_test_lists(
+            relevant, exposed, unexposed_negatives, np.random.default_rng(unexposed_seed)
+        )
     return FeedbackData(
         n_users=n_users,
         n_items=n_items,
@@ -137,7 +161,36 @@ def sample_feedback(
         eval_users=evaluable_users(n_users, train_user[train_label == 1], test_user, test_label),
         true_relevance=relevance.astype(np.float32),
         true_exposure=exposure.astype(np.float32),
+        **unexposed,
     )
+
+
+def unexposed_test_lists(
+    relevant: np.ndarray, exposed: np.ndarray, n_negatives: int, rng: np.random.Generator
+) -> dict[str, np.ndarray]:
+    """Saito et al.'s test lists from the training draw (N x M booleans R and O): per user
+    with at least one relevant unexposed item, those items (label 1) and up to `n_negatives`
+    of the other users' such items that are not relevant to this user (label 0), drawn
+    without replacement. As `FeedbackData`'s `unexposed_test_*` arrays, users ascending."""
+    positive = relevant & ~exposed
+    candidates = np.flatnonzero(positive.any(axis=0))
+    users, items, labels = [], [], []
+    for user in np.flatnonzero(positive.any(axis=1)):
+        pos = np.flatnonzero(positive[user])
+        pool = candidates[~relevant[user, candidates]]
+        neg = np.sort(rng.permutation(pool)[:n_negatives])
+        both = np.concatenate([pos, neg])
+        order = np.argsort(both, kind="stable")
+        users.append(np.full(both.size, user, dtype=np.int32))
+        items.append(both[order].astype(np.int32))
+        labels.append(np.r_[np.ones(pos.size, np.int8), np.zeros(neg.size, np.int8)][order])
+    if not users:
+        raise DataError("semisynthetic", "no relevant unexposed pair: the second test is empty")
+    return {
+        "unexposed_test_user": np.concatenate(users),
+        "unexposed_test_item": np.concatenate(items),
+        "unexposed_test_label": np.concatenate(labels),
+    }
 
 
 def _popular_subset(
