@@ -24,7 +24,9 @@ import hashlib
 import json
 import math
 import sys
+import textwrap
 import time
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -424,7 +426,8 @@ def tune(
             for (d, m, _), s in zip(submitted, states, strict=True)
             if not s.is_completed()
         ]
-        block = tuned_block(latest_choices(experiment_id), header=_header(experiment))
+        merged, kept = merged_choices(params, latest_choices(experiment_id))
+        block = tuned_block(merged, header=_header(experiment, kept))
         client.log_text(parent, block, "tuned_defaults.yaml")
     except BaseException:
         client.set_terminated(parent, RunStatus.to_string(RunStatus.FAILED))
@@ -458,6 +461,24 @@ def latest_choices(experiment_id: str) -> dict[str, dict[str, dict[str, Any]]]:
     for (dataset, method), run in latest_studies(experiment_id).items():
         chosen.setdefault(dataset, {})[method] = json.loads(run.data.tags[TAG_CHOSEN])
     return chosen
+
+
+def merged_choices(
+    params: Params, chosen: dict[str, dict[str, dict[str, Any]]]
+) -> tuple[dict[str, dict[str, dict[str, Any]]], list[str]]:
+    """The store's choices over the `datasets:` block params.yaml holds now, and the
+    "dataset/method" pairs kept from params.yaml: a partial re-tune (some data sets or methods,
+    or a store that lacks older studies) replaces only what it tuned."""
+    merged = {dataset: dict(methods) for dataset, methods in params.datasets.items()}
+    for dataset, methods in chosen.items():
+        merged.setdefault(dataset, {}).update(methods)
+    kept = [
+        f"{dataset}/{method}"
+        for dataset, methods in params.datasets.items()
+        for method in methods
+        if method not in chosen.get(dataset, {})
+    ]
+    return merged, kept
 
 
 def _last_used(run: Any) -> int:
@@ -504,13 +525,18 @@ def summary_markdown(experiment_id: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _header(experiment: str) -> str:
-    return (
+def _header(experiment: str, kept: Sequence[str] = ()) -> str:
+    text = (
         f"Chosen by `ubo/tune` (MLflow experiment {experiment!r}): per (data set, method) the\n"
         f"best trial by {OBJECTIVE} on the hyper-validation set (SNIPS; the test set is never\n"
         "read); `epochs` is the epoch at which that trial's curve peaked. Space and budget:\n"
         "the `tuning` section above; docs/TUNING.md."
     )
+    if kept:
+        text += "\nKept from the previous params.yaml (no study in this store):\n" + "\n".join(
+            textwrap.wrap(", ".join(kept), 88)
+        )
+    return text
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -530,19 +556,23 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "summary":
             print(summary_markdown(tracking.get_experiment_id(args.experiment, repo)), end="")
             return 0
-        block = tuned_block(chosen, header=_header(args.experiment))
+        target = Path(args.params) if args.params else repo / "params.yaml"
+        merged, kept = merged_choices(load_params(target), chosen)
+        block = tuned_block(merged, header=_header(args.experiment, kept))
         if args.command == "show":
             print(block, end="")
             return 0
         from ubo_core.tuning import write_tuned_defaults
 
-        target = Path(args.params) if args.params else repo / "params.yaml"
         write_tuned_defaults(target, block)
     except UboError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     pairs = sum(map(len, chosen.values()))
-    print(f"wrote the tuned defaults of {pairs} (data set, method) pairs to {target}")
+    print(
+        f"wrote the tuned defaults of {pairs} (data set, method) pairs to {target}"
+        + (f"; kept {len(kept)} others from it" if kept else "")
+    )
     return 0
 
 

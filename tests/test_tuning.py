@@ -14,7 +14,14 @@ import pytest
 from mlflow import MlflowClient
 
 from flows import tracking
-from flows.tune import TAG_CHOSEN, TAG_KIND, default_values, latest_choices, run_study
+from flows.tune import (
+    TAG_CHOSEN,
+    TAG_KIND,
+    default_values,
+    latest_choices,
+    merged_choices,
+    run_study,
+)
 from tests.test_tracking import write_processed
 from ubo_core import trainer
 from ubo_core.config import ConfigError, load_params
@@ -293,3 +300,22 @@ def test_the_unexposed_test_lists_are_not_loaded_for_tuning(tmp_path):
     assert full.unexposed_test_user is not None  # the builder wrote them
     tuning = FeedbackData.load(path, with_test=False)
     assert tuning.unexposed_test_user is None and tuning.unexposed_test_label is None
+
+
+def test_apply_keeps_the_pairs_the_store_did_not_tune(tmp_path):
+    """A partial re-tune (one data set's methods, or a fresh store) replaces only its pairs."""
+    path = write_params(tmp_path)
+    path.write_text(
+        path.read_text()
+        + "datasets:\n  coat:\n    umf: {epochs: 5}\n    bpr: {epochs: 6}\n"
+        + "  yahoo:\n    umf: {epochs: 7}\n"
+    )
+    merged, kept = merged_choices(
+        load_params(path), {"coat": {"umf": {"epochs": 2}}, "ml100k": {"ubo": {"epochs": 3}}}
+    )
+    assert merged == {
+        "coat": {"umf": {"epochs": 2}, "bpr": {"epochs": 6}},
+        "yahoo": {"umf": {"epochs": 7}},
+        "ml100k": {"ubo": {"epochs": 3}},
+    }
+    assert kept == ["coat/bpr", "yahoo/umf"]
