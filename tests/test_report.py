@@ -133,6 +133,7 @@ def test_report_is_byte_identical_on_a_rerun_and_names_versions(study_store, tmp
     assert "## Table 2: Coat" in text and "Table 1" not in text  # no Yahoo runs
     assert "paper 0.931" in text and "## Discussion\n\nHand-written." in text
     assert "### ML-100K (semi-synthetic)" in text and "| UBO vs |" in text
+    assert "The second test protocol" in text
 
 
 def test_report_numbers_are_the_runs_means(study_store):
@@ -167,6 +168,27 @@ def test_semisynthetic_tables_carry_the_draw_noise_and_the_reference_rankings(st
     assert ubo_line.startswith(f"| UBO | {mean:.3f} |") and ubo_line.endswith(f"| {se:.3f} |")
     oracle = study.references["ml100k"][0]
     assert f"ranked by the true γ (ceiling) | {oracle.metrics['dcg@3']:.3f} |" in text
+
+
+def test_semisynthetic_tables_carry_the_second_test_protocol(study_store):
+    """The unexposed lists' metrics are the runs' means, with the reference rankings on the
+    same lists and the two protocols' method orders; real data has none of it."""
+    tracking.configure(tracking.default_tracking_uri(study_store), study_store)
+    study = report.collect(study_store, "study", DATASETS, METHODS, SEEDS)
+    table = report.summary(study.runs)
+    assert math.isnan(table.loc[("coat", "ubo"), "unexposed_dcg@3_mean"])
+    lines = report.unexposed_section(study, table, "ml100k")
+    runs = study.runs
+    mean = runs[(runs.dataset == "ml100k") & (runs.method == "ubo")]["unexposed_dcg@3"].mean()
+    assert 0 < mean <= 1 + 1 / math.log2(3) + 0.5
+    text = "\n".join(lines)
+    header = next(line for line in lines[2].splitlines() if line.startswith("| metric |"))
+    row = next(line for line in lines[2].splitlines() if line.startswith("| DCG@3 |"))
+    cell = dict(zip(header.split("|")[2:-1], row.split("|")[2:-1], strict=True))[" UBO "]
+    assert cell.strip("* ").startswith(f"{mean:.3f} ±")
+    oracle = study.unexposed_references["ml100k"][0]
+    assert f"ranked by the true γ (ceiling) | {oracle.metrics['dcg@3']:.3f} |" in text
+    assert "Spearman rank correlation" in text
 
 
 def test_report_never_mixes_versions_and_refuses_missing_runs(study_store, tmp_path, capsys):
