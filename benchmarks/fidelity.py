@@ -42,7 +42,7 @@ import numpy as np  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from flows.tracking import code_version  # noqa: E402
+from flows.run_identity import code_version  # noqa: E402
 from ubo_core.config import Params, TrainConfig, ValidationConfig, load_params  # noqa: E402
 from ubo_core.data import FeedbackData  # noqa: E402
 from ubo_core.datasets.validation import build_validation_sets  # noqa: E402

@@ -32,7 +32,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from benchmarks.fidelity import train_record  # noqa: E402
-from flows.tracking import code_version  # noqa: E402
+from flows.run_identity import code_version  # noqa: E402
 from ubo_core.config import load_params  # noqa: E402
 from ubo_core.data import FeedbackData  # noqa: E402
 from ubo_core.datasets.semisynthetic import build_semisynthetic  # noqa: E402

@@ -1,7 +1,7 @@
 """Prefect flows: `ubo` (deployment `full-benchmark`) fans every (data set, method, seed) out
 as its own flow run of `ubo-train` onto a work pool; workers pick them up.
 
-Thin by design: the science is `ubo_core`, the tracking `flows.tracking`. The parent
+Thin by design: the science is `ubo_core`, the tracking `flows.tracked_run`. The parent
 - skips every child whose run key (config + code version + data version) already has a
   FINISHED run in MLflow, so a re-run trains only what is missing or failed;
 - submits the rest with `run_deployment(..., timeout=0)` and waits for all of them;
@@ -22,7 +22,7 @@ from prefect.client.schemas.objects import State
 from prefect.deployments import run_deployment
 from prefect.runtime import flow_run as current_flow_run
 
-from flows import tracking
+from flows import store, study, tracked_run
 from ubo_core.config import DATASETS, load_params
 from ubo_core.methods import METHODS, check_method_params, get_method, resolve_config
 
@@ -71,14 +71,14 @@ def ubo_train(
     method: str,
     seed: int,
     overrides: dict[str, Any] | None = None,
-    experiment: str = tracking.DEFAULT_EXPERIMENT,
+    experiment: str = store.DEFAULT_EXPERIMENT,
     tracking_uri: str | None = None,
     parent_run_id: str | None = None,
 ) -> dict[str, Any]:
     """Train one (data set, method, seed) and record it in MLflow (skipped if already done)."""
     repo = _repo()
-    tracking.configure(tracking_uri, repo)
-    child = tracking.train_and_log(
+    store.configure(tracking_uri, repo)
+    child = tracked_run.train_and_log(
         dataset=dataset,
         method=method,
         seed=seed,
@@ -103,7 +103,7 @@ def ubo(
     epochs: int | None = None,
     mode: str | None = None,
     tracking_uri: str | None = None,
-    experiment: str = tracking.DEFAULT_EXPERIMENT,
+    experiment: str = store.DEFAULT_EXPERIMENT,
     train_deployment: str = TRAIN_DEPLOYMENT,
     poll_seconds: float = 5.0,
 ) -> str:
@@ -114,7 +114,7 @@ def ubo(
     """
     logger = get_run_logger()
     repo = _repo()
-    tracking.configure(tracking_uri, repo)
+    store.configure(tracking_uri, repo)
     params = load_params(repo / "params.yaml")
     check_method_params(params)
     common = dict(overrides or {})
@@ -131,13 +131,13 @@ def ubo(
             resolve_config(params, dataset, method, child_overrides)  # fail before submitting
             plan += [(dataset, method, seed, child_overrides) for seed in seeds]
 
-    experiment_id = tracking.get_experiment_id(experiment, repo)
-    parent = tracking.start_parent_run(experiment_id, datasets, methods, seeds, common, per_method)
+    experiment_id = store.get_experiment_id(experiment, repo)
+    parent = study.start_parent_run(experiment_id, datasets, methods, seeds, common, per_method)
     logger.info("MLflow parent run %s; %d children planned", parent, len(plan))
     try:
         submitted, run_ids = [], []
         for dataset, method, seed, child_overrides in plan:
-            existing = tracking.finished_run_for(
+            existing = tracked_run.finished_run_for(
                 params, repo, experiment_id, dataset, method, seed, child_overrides
             )
             if existing is not None:
@@ -171,7 +171,7 @@ def ubo(
         for (name, _, key_args), state in zip(submitted, states, strict=True):
             # The child's MLflow run is found by its run key: no need for Prefect to persist
             # results between processes.
-            run_id = tracking.finished_run_for(params, repo, experiment_id, *key_args)
+            run_id = tracked_run.finished_run_for(params, repo, experiment_id, *key_args)
             if state.is_completed() and run_id is not None:
                 run_ids.append(run_id)
             else:
@@ -179,14 +179,14 @@ def ubo(
         logger.info(
             "children finished after %.0f s; %d failed", time.monotonic() - started, len(failed)
         )
-        table = tracking.aggregate_runs(experiment_id, [r for r in run_ids if r], parent)
-        markdown = tracking.to_markdown(table)
-        tracking.log_aggregate(parent, table)
+        table = study.aggregate_runs(experiment_id, [r for r in run_ids if r], parent)
+        markdown = study.to_markdown(table)
+        study.log_aggregate(parent, table)
     except BaseException:
         # Cancelled or crashed while its children ran: never leave the MLflow parent RUNNING.
-        tracking.end_parent_run(parent, ["(the parent flow run itself)"])
+        study.end_parent_run(parent, ["(the parent flow run itself)"])
         raise
-    tracking.end_parent_run(parent, failed)
+    study.end_parent_run(parent, failed)
     print(markdown)
     if failed:
         raise RuntimeError(f"{len(failed)} child run(s) failed: {', '.join(failed)}")

@@ -375,10 +375,10 @@ def run_benchmark(
         failed = [
             c.name for c in children if c.state and c.state.type.value in ("FAILED", "CRASHED")
         ]
-    from flows import tracking
+    from flows import study
 
     if deployment == DEPLOYMENTS["benchmark"]:
-        table = tracking.results_for_flow_run(str(parent.id), REPO)
+        table = study.results_for_flow_run(str(parent.id), REPO)
         print(table or "(no results recorded)")
     if failed:
         print(f"failed children: {', '.join(sorted(failed))}", file=sys.stderr)

@@ -31,7 +31,9 @@ import pandas as pd
 from mlflow import MlflowClient
 from scipy import stats
 
-from flows import tracking
+from flows import run_identity, store, tracked_run
+from flows.study import metric_table as markdown_metric_table
+from flows.study import summarise
 from ubo_core.config import DATASETS, REAL_DATASETS, SEMISYNTHETIC_DATASETS, load_params
 from ubo_core.data import FeedbackData
 from ubo_core.errors import UboError
@@ -138,18 +140,18 @@ def collect(
 ) -> Study:
     """The runs of the grid at the checkout's code version, or at `code_version`."""
     params = load_params(repo / "params.yaml")
-    experiment_id = tracking.get_experiment_id(experiment, repo)
+    experiment_id = store.get_experiment_id(experiment, repo)
     client = MlflowClient()
-    processed = tracking._processed_dir(params.data.processed_dir, repo)
+    processed = run_identity.resolve_processed_dir(params.data.processed_dir, repo)
     rows, missing, selected = [], [], set()
     study = Study(runs=pd.DataFrame())
-    study.code_version = code_version or tracking.code_version(repo)
+    study.code_version = code_version or run_identity.code_version(repo)
     study.pinned = code_version is not None
     study.mode = params.train.mode
     study.seeds = tuple(seeds)
     study.tuned = bool(params.datasets)
     for dataset in datasets:
-        study.data_versions[dataset] = tracking.data_version(processed, dataset, repo)
+        study.data_versions[dataset] = run_identity.data_version(processed, dataset, repo)
         if dataset in SEMISYNTHETIC_DATASETS:
             path = processed / dataset / "dataset.npz"
             if path.is_file():
@@ -159,19 +161,19 @@ def collect(
                     study.unexposed_references[dataset] = reference_rankings(data, "unexposed")
         for method in methods:
             for seed in seeds:
-                run_id = tracking.finished_run_for(
+                run_id = tracked_run.finished_run_for(
                     params, repo, experiment_id, dataset, method, seed, {}, study.code_version
                 )
                 if run_id is None:
                     missing.append(f"{dataset}/{method}/seed{seed}")
                     continue
                 per_user = _per_user(client, run_id)
-                if per_user is None:  # logged by an older flows/tracking.py: not comparable
+                if per_user is None:  # logged by an older flows/tracked_run.py: not comparable
                     missing.append(f"{dataset}/{method}/seed{seed} (no per-user metrics)")
                     continue
                 selected.add(run_id)
                 run = client.get_run(run_id)
-                metrics = tracking.final_metrics(run)
+                metrics = tracked_run.final_metrics(run)
                 tags = run.data.tags
                 rows.append(
                     {
@@ -187,9 +189,9 @@ def collect(
                         "train_seconds": metrics.get("train_seconds", math.nan),
                         "start": run.info.start_time,
                         "end": run.info.end_time,
-                        "commit": tags.get(tracking.TAG_COMMIT, "unknown"),
-                        "parent": tags.get(tracking.PARENT_TAG, ""),
-                        "machine": tags.get(tracking.TAG_MACHINE, "unknown"),
+                        "commit": tags.get(run_identity.TAG_COMMIT, "unknown"),
+                        "parent": tags.get(run_identity.PARENT_TAG, ""),
+                        "machine": tags.get(run_identity.TAG_MACHINE, "unknown"),
                         "device": tags.get("device", "unknown"),
                         "epochs": int(run.data.params.get("train.epochs", 0)),
                     }
@@ -201,7 +203,7 @@ def collect(
                         {m.step: m.value for m in sorted(history, key=lambda m: m.step)}
                     )
     # What else the store holds for these cells (other code, data or configs): not mixed in.
-    for run in tracking._search(experiment_id, "attributes.status = 'FINISHED'"):
+    for run in store.search(experiment_id, "attributes.status = 'FINISHED'"):
         tags = run.data.tags
         if (
             run.info.run_id not in selected
@@ -218,12 +220,12 @@ def collect(
 
 def _per_user(client: MlflowClient, run_id: str) -> pd.Series | None:
     """Per-user DCG@3 of a run (index: user id); None if the run did not log them."""
-    folder = tracking.PER_USER_PATH.rsplit("/", 1)[0]
-    if tracking.PER_USER_PATH not in {a.path for a in client.list_artifacts(run_id, folder)}:
+    folder = tracked_run.PER_USER_PATH.rsplit("/", 1)[0]
+    if tracked_run.PER_USER_PATH not in {a.path for a in client.list_artifacts(run_id, folder)}:
         return None
     with tempfile.TemporaryDirectory(prefix="ubo-report-") as tmp:
         local = mlflow.artifacts.download_artifacts(
-            run_id=run_id, artifact_path=tracking.PER_USER_PATH, dst_path=tmp
+            run_id=run_id, artifact_path=tracked_run.PER_USER_PATH, dst_path=tmp
         )
         with np.load(local) as arrays:
             return pd.Series(arrays["dcg_at_3"], index=arrays["user"])
@@ -231,14 +233,9 @@ def _per_user(client: MlflowClient, run_id: str) -> pd.Series | None:
 
 # -- the numbers -----------------------------------------------------------------------------
 def summary(runs: pd.DataFrame) -> pd.DataFrame:
-    """Mean, std (ddof=1) and seed count per (dataset, method) of METRICS, the unexposed
-    protocol's metrics (NaN on real data and in runs logged before it existed) and pcc."""
-    grouped = runs.groupby(["dataset", "method"], sort=False)
-    columns = [*METRICS, *(m for m in UNEXPOSED_METRICS if m in runs), "pcc"]
-    table = grouped[columns].agg(["mean", "std"])
-    table.columns = [f"{name}_{stat}" for name, stat in table.columns]
-    table["n_seeds"] = grouped.size()
-    return table
+    """`flows.study.summarise` of METRICS, the unexposed protocol's metrics (NaN on real data; left
+    out when no run has them, e.g. runs logged before the protocol existed) and pcc."""
+    return summarise(runs, [*METRICS, *(m for m in UNEXPOSED_METRICS if m in runs), "pcc"])
 
 
 def holm(p_values: Sequence[float]) -> list[float]:
@@ -344,21 +341,14 @@ def _signed(value: float) -> str:
 
 
 def metric_table(table: pd.DataFrame, dataset: str, methods: Sequence[str], metrics=METRICS) -> str:
-    methods = [m for m in methods if (dataset, m) in table.index]
-    lines = [
-        "| metric | " + " | ".join(DISPLAY[m] for m in methods) + " |",
-        "|---|" + "---|" * len(methods),
-    ]
-    for metric in metrics:
-        means = {m: table.loc[(dataset, m), f"{metric}_mean"] for m in methods}
-        best = max(means.values())
-        cells = []
-        for method in methods:
-            cell = f"{means[method]:.3f} ± {_f(table.loc[(dataset, method), f'{metric}_std'])}"
-            cells.append(f"**{cell}**" if means[method] == best else cell)
-        label = metric.removeprefix(UNEXPOSED_PREFIX).upper()
-        lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    """`flows.study.metric_table` with display names, upper-case metric names, best in bold."""
+    return markdown_metric_table(
+        table, dataset, methods, metrics, names=DISPLAY, label=_metric_label, bold_best=True
+    )
+
+
+def _metric_label(metric: str) -> str:
+    return metric.removeprefix(UNEXPOSED_PREFIX).upper()
 
 
 def ordering(table: pd.DataFrame, dataset: str, metric: str = "dcg@3") -> tuple[list, list]:
@@ -760,7 +750,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m flows.report", description=__doc__.split("\n")[0]
     )
-    parser.add_argument("--experiment", default=tracking.DEFAULT_EXPERIMENT)
+    parser.add_argument("--experiment", default=store.DEFAULT_EXPERIMENT)
     parser.add_argument(
         "--out", default=str(REPO / "docs"), help="where RESULTS.md and figures/ go"
     )
@@ -779,7 +769,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     repo = Path(os.environ.get("UBO_REPO", REPO)).resolve()
-    tracking.configure(args.tracking_uri, repo)
+    store.configure(args.tracking_uri, repo)
     try:
         study = collect(
             repo, args.experiment, args.datasets, args.methods, args.seeds, args.code_version

@@ -38,7 +38,7 @@ from mlflow.tracking.context import registry as context_registry
 from prefect import flow, get_run_logger
 from prefect.runtime import flow_run as current_flow_run
 
-from flows import tracking
+from flows import run_identity, store
 from flows.benchmark import _repo, submit_child, wait_for_children
 from ubo_core.config import DATASETS, Params, load_params
 from ubo_core.errors import TrainingDiverged, UboError
@@ -162,22 +162,22 @@ def run_study(
     get_method(method)
     space = knobs(params, method)
     n_trials = n_trials or params.tuning.trials.get(dataset, 10)
-    processed_dir = tracking._processed_dir(params.data.processed_dir, repo)
-    code = tracking.code_version(repo)
-    data_version = tracking.data_version(processed_dir, dataset, repo)
+    processed_dir = run_identity.resolve_processed_dir(params.data.processed_dir, repo)
+    code = run_identity.code_version(repo)
+    data_version = run_identity.data_version(processed_dir, dataset, repo)
     key = study_key(params, dataset, method, n_trials, code, data_version)
-    experiment_id = tracking.get_experiment_id(experiment, repo)
+    experiment_id = store.get_experiment_id(experiment, repo)
     client = MlflowClient()
-    existing = tracking._search(
+    existing = store.search(
         experiment_id,
         f"tags.`{TAG_STUDY_KEY}` = '{key}' and attributes.status = 'FINISHED'",
         ["attributes.start_time DESC"],
     )
     if existing:
         log(f"{dataset}/{method}: identical study already finished ({existing[0].info.run_id})")
-        client.set_tag(existing[0].info.run_id, TAG_LAST_USED, str(tracking._now_ms()))
+        client.set_tag(existing[0].info.run_id, TAG_LAST_USED, str(store.now_ms()))
         return json.loads(existing[0].data.tags[TAG_CHOSEN])
-    for stale in tracking._search(experiment_id, f"tags.`{TAG_STUDY_KEY}` = '{key}'"):
+    for stale in store.search(experiment_id, f"tags.`{TAG_STUDY_KEY}` = '{key}'"):
         client.delete_run(stale.info.run_id)
 
     tags = {
@@ -185,18 +185,18 @@ def run_study(
         TAG_STUDY_KEY: key,
         "dataset": dataset,
         "method": method,
-        tracking.TAG_CODE: code,
-        tracking.TAG_DATA: data_version,
+        run_identity.TAG_CODE: code,
+        run_identity.TAG_DATA: data_version,
     }
     if parent_run_id:
-        tags[tracking.PARENT_TAG] = parent_run_id
+        tags[run_identity.PARENT_TAG] = parent_run_id
     study_run = client.create_run(
         experiment_id,
         tags=context_registry.resolve_tags(tags),
         run_name=f"tune {dataset}/{method}",
     ).info.run_id
     try:
-        tracking._log_batch(
+        store.log_batch(
             client,
             study_run,
             params=[
@@ -263,14 +263,14 @@ def _optimise(
             tags=context_registry.resolve_tags(
                 {
                     TAG_KIND: "trial",
-                    tracking.PARENT_TAG: study_run,
+                    run_identity.PARENT_TAG: study_run,
                     "dataset": dataset,
                     "method": method,
                 }
             ),
             run_name=f"{dataset}/{method}/trial{number}",
         ).info.run_id
-        tracking._log_batch(client, trial_run, params=[Param(k, str(v)) for k, v in values.items()])
+        store.log_batch(client, trial_run, params=[Param(k, str(v)) for k, v in values.items()])
 
         def on_epoch(
             report: EpochReport, trial: optuna.Trial = trial, run: str = trial_run
@@ -280,13 +280,13 @@ def _optimise(
                 run,
                 metrics=[
                     Metric(
-                        tracking.to_mlflow_key(f"val/{OBJECTIVE}"),
+                        store.to_mlflow_key(f"val/{OBJECTIVE}"),
                         value,
-                        tracking._now_ms(),
+                        store.now_ms(),
                         report.epoch,
                     ),
                     Metric(
-                        "val/val_loss", report.metrics["val_loss"], tracking._now_ms(), report.epoch
+                        "val/val_loss", report.metrics["val_loss"], store.now_ms(), report.epoch
                     ),
                 ],
             )
@@ -313,12 +313,12 @@ def _optimise(
         else:
             study.tell(trial, outcome.value)
             best_epochs[trial.number] = outcome.best_epoch
-            tracking._log_batch(
+            store.log_batch(
                 client,
                 trial_run,
                 metrics=[
-                    Metric(tracking.to_mlflow_key(OBJECTIVE), outcome.value, tracking._now_ms(), 0),
-                    Metric("best_epoch", outcome.best_epoch, tracking._now_ms(), 0),
+                    Metric(store.to_mlflow_key(OBJECTIVE), outcome.value, store.now_ms(), 0),
+                    Metric("best_epoch", outcome.best_epoch, store.now_ms(), 0),
                 ],
             )
         client.set_tag(trial_run, "ubo.trial_state", state)
@@ -332,12 +332,12 @@ def _optimise(
         raise UboError(f"tuning {dataset}/{method}: no trial completed (all pruned or diverged)")
     best = study.best_trial
     chosen = dict(best.params) | {"epochs": best_epochs[best.number]}
-    tracking._log_batch(
+    store.log_batch(
         client,
         study_run,
         metrics=[
-            Metric(tracking.to_mlflow_key(f"best_{OBJECTIVE}"), best.value, tracking._now_ms(), 0),
-            Metric("n_completed", len(completed), tracking._now_ms(), 0),
+            Metric(store.to_mlflow_key(f"best_{OBJECTIVE}"), best.value, store.now_ms(), 0),
+            Metric("n_completed", len(completed), store.now_ms(), 0),
         ],
         params=[Param(f"best.{k}", str(v)) for k, v in chosen.items()],
     )
@@ -357,7 +357,7 @@ def ubo_tune_study(
     """Tune one (data set, method) on its hyper-validation set. `overrides`: train keys
     that do not change results (threads, device), e.g. one thread per worker sharing cores."""
     repo = _repo()
-    tracking.configure(tracking_uri, repo)
+    store.configure(tracking_uri, repo)
     logger = get_run_logger()
     return run_study(
         dataset=dataset,
@@ -386,14 +386,14 @@ def tune(
     """Every (data set, method) study, one child flow run each; returns the tuned block."""
     logger = get_run_logger()
     repo = _repo()
-    tracking.configure(tracking_uri, repo)
+    store.configure(tracking_uri, repo)
     params = load_params(repo / "params.yaml")
     check_method_params(params)
     check_tuning(params)
     for method in methods:
         get_method(method)
     check_overrides(overrides)
-    experiment_id = tracking.get_experiment_id(experiment, repo)
+    experiment_id = store.get_experiment_id(experiment, repo)
     client = MlflowClient()
     parent = client.create_run(
         experiment_id,
@@ -444,7 +444,7 @@ def tune(
 def latest_studies(experiment_id: str) -> dict[tuple[str, str], Any]:
     """The FINISHED study run of each (data set, method) that a `tune` run started or reused
     last: the one `apply` writes and `summary` shows."""
-    runs = tracking._search(
+    runs = store.search(
         experiment_id,
         f"tags.`{TAG_KIND}` = 'study' and attributes.status = 'FINISHED'",
     )
@@ -500,14 +500,14 @@ def summary_markdown(experiment_id: str) -> str:
             run = studies.get((dataset, method))
             if run is None:
                 continue
-            trials = tracking._search(
-                experiment_id, f"tags.`{tracking.PARENT_TAG}` = '{run.info.run_id}'"
+            trials = store.search(
+                experiment_id, f"tags.`{run_identity.PARENT_TAG}` = '{run.info.run_id}'"
             )
             states = [t.data.tags.get("ubo.trial_state", "") for t in trials]
             done = states.count("complete")
             pruned = states.count("pruned")
             failed = sum(state.startswith("failed") for state in states)
-            best = run.data.metrics.get(tracking.to_mlflow_key(f"best_{OBJECTIVE}"), math.nan)
+            best = run.data.metrics.get(store.to_mlflow_key(f"best_{OBJECTIVE}"), math.nan)
             minutes = (run.info.end_time - run.info.start_time) / 60000
             per_trial = [
                 (t.info.end_time - t.info.start_time) / 60000
@@ -548,13 +548,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--params", default=None, help="params.yaml to write (default: the repo's)")
     args = parser.parse_args(argv)
     repo = _repo()
-    tracking.configure(None, repo)
+    store.configure(None, repo)
     try:
-        chosen = latest_choices(tracking.get_experiment_id(args.experiment, repo))
+        chosen = latest_choices(store.get_experiment_id(args.experiment, repo))
         if not chosen:
             raise UboError(f"no finished tuning study in MLflow experiment {args.experiment!r}")
         if args.command == "summary":
-            print(summary_markdown(tracking.get_experiment_id(args.experiment, repo)), end="")
+            print(summary_markdown(store.get_experiment_id(args.experiment, repo)), end="")
             return 0
         target = Path(args.params) if args.params else repo / "params.yaml"
         merged, kept = merged_choices(load_params(target), chosen)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from mlflow import MlflowClient
 
-from flows import tracking
+from flows import store, tracked_run
 from flows.tune import format_values, untuned_config
 from ubo_core.config import load_params
 
@@ -31,7 +31,7 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=["umf", "ubo"])
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    tracking.configure(None, REPO)
+    store.configure(None, REPO)
     params = load_params(REPO / "params.yaml")
     client = MlflowClient()
     print("| method | configuration | best hyper SNIPS DCG@3 (epoch) | last | test DCG@3 |")
@@ -41,7 +41,7 @@ def main() -> None:
         defaults = untuned_config(params, method)
         untuned = {key: defaults[key] for key in tuned}
         for name, overrides in (("tuned", {}), ("untuned defaults", untuned)):
-            child = tracking.train_and_log(
+            child = tracked_run.train_and_log(
                 dataset=args.dataset,
                 method=method,
                 seed=args.seed,

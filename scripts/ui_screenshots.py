@@ -70,7 +70,7 @@ CHROMIUM_FLAGS = (
     "--hide-scrollbars",
     "--mute-audio",
 )
-# Stepped metrics to plot, in order of preference (flows/tracking.py logs per-epoch curves).
+# Stepped metrics to plot, in order of preference (flows/tracked_run.py logs per-epoch curves).
 PREFERRED_CURVES = ("loss/train_loss", "val/val_loss")
 # Final metrics shown as columns of the runs table when the runs have them.
 TABLE_METRICS = ("dcg_at_3", "map_at_3", "recall_at_3", "wall_seconds")

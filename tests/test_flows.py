@@ -42,7 +42,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Run, ViewType
 from test_tracking import write_processed
 
-from flows import tracking
+from flows import run_identity, study
 from flows.local import (
     Services,
     clear_orphans,
@@ -52,8 +52,9 @@ from flows.local import (
     prefect,
     wait_healthy,
 )
-from flows.tracking import TEST_METRICS, load_model, pair_exposure, to_mlflow_key
-from ubo_core.trainer import evaluate_test
+from flows.store import to_mlflow_key
+from flows.tracked_run import TEST_METRICS, load_model
+from ubo_core.trainer import evaluate_test, pair_exposure
 
 CONTROL_POOL, TRAIN_POOL, GPU_POOL = "ubo-control", "ubo-cpu", "ubo-gpu"
 TRAIN_WORKERS = ("cpu-0", "cpu-1")
@@ -285,7 +286,7 @@ def test_parent_completes_after_one_child_flow_run_per_cell(benchmark, stack):
 def test_every_child_is_logged_with_params_tags_metrics_curves_and_artifacts(benchmark, stack):
     assert set(benchmark.runs) == child_names()
     parent = parent_run(benchmark.experiment, benchmark.parent.id)
-    data_md5 = tracking.file_md5(stack.repo / "data" / "processed" / "coat" / "dataset.npz")
+    data_md5 = run_identity.file_md5(stack.repo / "data" / "processed" / "coat" / "dataset.npz")
     client = MlflowClient()
     for name, run in benchmark.runs.items():
         _, method, seed = name.split("/")
@@ -344,7 +345,7 @@ def test_parent_run_logs_the_aggregate_and_the_result_tables(benchmark, stack):
     assert markdown.startswith("### coat\n") and "| metric | ubo | umf |" in markdown
     assert "| seeds | 2 | 2 |" in markdown
     # What `make benchmark` prints: found from the Prefect flow run id alone.
-    assert tracking.results_for_flow_run(str(benchmark.parent.id), stack.repo) == markdown
+    assert study.results_for_flow_run(str(benchmark.parent.id), stack.repo) == markdown
     csv = Path(
         mlflow.artifacts.download_artifacts(run_id=parent.info.run_id, artifact_path="results.csv")
     ).read_text()
@@ -444,7 +445,7 @@ def test_failed_child_fails_the_parent_and_a_rerun_trains_only_that_child(stack)
     assert rerun_parent.data.metrics.keys() >= {
         f"coat/{method}/{key}_mean" for method in METHODS for key in FINAL_KEYS
     }
-    markdown = tracking.results_for_flow_run(str(second.id), stack.repo)
+    markdown = study.results_for_flow_run(str(second.id), stack.repo)
     assert markdown is not None and "| seeds | 2 | 2 |" in markdown  # skipped runs count
 
 
@@ -483,11 +484,11 @@ def test_tune_fans_studies_out_to_the_workers_and_records_every_trial(stack):
     (parent,) = [r for r in runs if r.data.tags.get(TAG_KIND) == "tune"]
     assert parent.info.status == "FINISHED"
     block = mlflow.artifacts.load_text(f"runs:/{parent.info.run_id}/tuned_defaults.yaml")
-    for study in (r for r in runs if r.data.tags.get(TAG_KIND) == "study"):
-        assert study.data.tags[tracking.PARENT_TAG] == parent.info.run_id
-        chosen = json.loads(study.data.tags[TAG_CHOSEN])
+    for study_run in (r for r in runs if r.data.tags.get(TAG_KIND) == "study"):
+        assert study_run.data.tags[run_identity.PARENT_TAG] == parent.info.run_id
+        chosen = json.loads(study_run.data.tags[TAG_CHOSEN])
         assert set(chosen) == {"lr", "epochs"} and 1 <= chosen["epochs"] <= 4
-        assert f"    {study.data.tags['method']}:" in block
+        assert f"    {study_run.data.tags['method']}:" in block
 
 
 def test_a_second_local_run_on_the_same_prefect_home_is_refused(tmp_path):

@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from flows import report, tracking
+from flows import report, run_identity, store, tracked_run
 from tests.test_tracking import write_processed
 
 DATASETS = ["coat", "ml100k"]
@@ -70,11 +70,11 @@ def study_store(tmp_path_factory):
         "train: {mode: dense, epochs: 3, device: cpu, block_users: 8, dense_lr: 0.05}\n"
     )
     before = os.environ.get("MLFLOW_TRACKING_URI")
-    tracking.configure(tracking.default_tracking_uri(root), root)
+    store.configure(store.default_tracking_uri(root), root)
     for dataset in DATASETS:
         for method in METHODS:
             for seed in SEEDS:
-                tracking.train_and_log(
+                tracked_run.train_and_log(
                     dataset=dataset,
                     method=method,
                     seed=seed,
@@ -101,7 +101,7 @@ def run_report(root: Path, out: Path, *extra: str) -> int:
                 "--out",
                 str(out),
                 "--tracking-uri",
-                tracking.default_tracking_uri(root),
+                store.default_tracking_uri(root),
                 "--datasets",
                 *DATASETS,
                 "--methods",
@@ -128,7 +128,7 @@ def test_report_is_byte_identical_on_a_rerun_and_names_versions(study_store, tmp
     assert "Runs: 20 (2 data set(s) x 5 methods x seeds [0, 1]); missing: none." in text
     assert "Code version: `unknown`" in text and "Not a git checkout" in text  # no git here
     assert "**untuned** (no `datasets:` block in params.yaml)" in text
-    data = tracking.data_version(study_store / "processed", "coat", study_store)
+    data = run_identity.data_version(study_store / "processed", "coat", study_store)
     assert f"coat `{data}`" in text
     assert "## Table 2: Coat" in text and "Table 1" not in text  # no Yahoo runs
     assert "paper 0.931" in text and "## Discussion\n\nHand-written." in text
@@ -137,7 +137,7 @@ def test_report_is_byte_identical_on_a_rerun_and_names_versions(study_store, tmp
 
 
 def test_report_numbers_are_the_runs_means(study_store):
-    tracking.configure(tracking.default_tracking_uri(study_store), study_store)
+    store.configure(store.default_tracking_uri(study_store), study_store)
     study = report.collect(study_store, "study", DATASETS, METHODS, SEEDS)
     runs = study.runs
     assert len(runs) == 20 and not study.missing and study.other_versions == 0
@@ -154,7 +154,7 @@ def test_report_numbers_are_the_runs_means(study_store):
 def test_semisynthetic_tables_carry_the_draw_noise_and_the_reference_rankings(study_store):
     """Per method: DCG@3 with the standard error over users of the seed-mean per-user DCG@3;
     then the rankings by true gamma, true m and popularity of the processed test set."""
-    tracking.configure(tracking.default_tracking_uri(study_store), study_store)
+    store.configure(store.default_tracking_uri(study_store), study_store)
     study = report.collect(study_store, "study", DATASETS, METHODS, SEEDS)
     assert "coat" not in study.references
     names = [r.name for r in study.references["ml100k"]]
@@ -173,7 +173,7 @@ def test_semisynthetic_tables_carry_the_draw_noise_and_the_reference_rankings(st
 def test_semisynthetic_tables_carry_the_second_test_protocol(study_store):
     """The unexposed lists' metrics are the runs' means, with the reference rankings on the
     same lists and the two protocols' method orders; real data has none of it."""
-    tracking.configure(tracking.default_tracking_uri(study_store), study_store)
+    store.configure(store.default_tracking_uri(study_store), study_store)
     study = report.collect(study_store, "study", DATASETS, METHODS, SEEDS)
     table = report.summary(study.runs)
     assert math.isnan(table.loc[("coat", "ubo"), "unexposed_dcg@3_mean"])
@@ -196,7 +196,7 @@ def test_report_never_mixes_versions_and_refuses_missing_runs(study_store, tmp_p
     original = params.read_text()
     try:
         params.write_text(original.replace("epochs: 3", "epochs: 4"))  # another configuration
-        tracking.configure(tracking.default_tracking_uri(study_store), study_store)
+        store.configure(store.default_tracking_uri(study_store), study_store)
         study = report.collect(study_store, "study", DATASETS, METHODS, SEEDS)
         assert study.runs.empty and len(study.missing) == 20 and study.other_versions == 20
         assert run_report(study_store, tmp_path) == 1

@@ -1,4 +1,5 @@
-"""flows/tracking.py: MLflow logging, de-duplication, reloading and aggregation of runs.
+"""flows/store.py, run_identity.py, tracked_run.py, study.py: MLflow logging, de-duplication,
+reloading and aggregation of runs.
 
 Everything runs on CPU against a throwaway sqlite store in a temporary directory (never the
 repo's own mlflow.db). The store is module-scoped because MLflow migrates a new sqlite
@@ -18,25 +19,15 @@ import pytest
 from mlflow import MlflowClient
 from mlflow.entities import ViewType
 
-from flows import tracking
-from flows.tracking import (
+from flows import run_identity, study, tracked_run
+from flows.run_identity import code_version, data_version, flatten, git_commit, run_key
+from flows.store import configure, default_tracking_uri, get_experiment_id, to_mlflow_key
+from flows.study import aggregate, log_aggregate, to_markdown
+from flows.tracked_run import (
     FINAL_METRICS,
     TEST_METRICS,
     UNEXPOSED_TEST_METRICS,
-    aggregate,
-    code_version,
-    configure,
-    data_version,
-    default_tracking_uri,
-    flatten,
-    get_experiment_id,
-    git_commit,
     load_model,
-    log_aggregate,
-    pair_exposure,
-    run_key,
-    to_markdown,
-    to_mlflow_key,
     train_and_log,
 )
 from ubo_core.config import Params, load_params
@@ -45,7 +36,7 @@ from ubo_core.datasets.semisynthetic import unexposed_test_lists
 from ubo_core.datasets.validation import build_validation_sets
 from ubo_core.errors import DataError
 from ubo_core.methods.umf import UMF
-from ubo_core.trainer import evaluate_test
+from ubo_core.trainer import evaluate_test, pair_exposure
 
 EPOCHS = 2
 OVERRIDES = {"epochs": EPOCHS, "device": "cpu", "lr": 0.05}
@@ -118,7 +109,7 @@ def mlflow_state(store, monkeypatch):
     mlflow.set_tracking_uri(default_tracking_uri(store))
 
 
-def train(store: Path, experiment: str, **kwargs) -> tracking.ChildRun:
+def train(store: Path, experiment: str, **kwargs) -> tracked_run.ChildRun:
     arguments = {
         "dataset": "coat",
         "method": "umf",
@@ -184,7 +175,7 @@ def test_train_and_log_logs_params_tags_curves_metrics_and_artifacts(store):
     assert artifact_paths(child.run_id, "model") == {"model/state.pt", "model/config.json"}
     # Per-user test metrics (the report's paired tests): their means are the logged metrics.
     local = mlflow.artifacts.download_artifacts(
-        run_id=child.run_id, artifact_path=tracking.PER_USER_PATH
+        run_id=child.run_id, artifact_path=tracked_run.PER_USER_PATH
     )
     with np.load(local) as per_user:
         assert per_user["user"].tolist() == list(range(30))  # eval_users: every user
@@ -346,7 +337,7 @@ def test_flatten_nests_with_dots():
 def test_data_version_uses_dvc_lock_md5_only_when_the_file_matches(tmp_path):
     write_processed(tmp_path, "coat")
     processed = tmp_path / "processed"
-    actual = tracking.file_md5(processed / "coat" / "dataset.npz")
+    actual = run_identity.file_md5(processed / "coat" / "dataset.npz")
     assert data_version(processed, "coat", tmp_path) == f"md5:{actual}"  # no dvc.lock
 
     def lock(md5: str) -> None:
@@ -471,15 +462,15 @@ def test_parent_flow_helpers(store, monkeypatch):
     experiment_id = get_experiment_id("flow", store)
     params = load_params(store / "params.yaml")
 
-    plain = tracking.start_parent_run(experiment_id, ["coat"], ["umf"], [0, 1])
+    plain = study.start_parent_run(experiment_id, ["coat"], ["umf"], [0, 1])
     assert "prefect.flow_run_id" not in client.get_run(plain).data.tags  # not in a flow run
-    tracking.end_parent_run(plain, ["coat/umf/seed1 (Crashed)"])
+    study.end_parent_run(plain, ["coat/umf/seed1 (Crashed)"])
     ended = client.get_run(plain)
     assert ended.info.status == "FAILED"
     assert ended.data.tags["ubo.failed_children"] == "coat/umf/seed1 (Crashed)"
 
-    monkeypatch.setattr(tracking, "_prefect_flow_run_id", lambda: "flow-run-1")
-    parent = tracking.start_parent_run(
+    monkeypatch.setattr(study, "_prefect_flow_run_id", lambda: "flow-run-1")
+    parent = study.start_parent_run(
         experiment_id, ["coat"], ["umf"], [0, 1], {"epochs": EPOCHS}, {"umf": {"lr": 0.05}}
     )
     run = client.get_run(parent)
@@ -488,7 +479,7 @@ def test_parent_flow_helpers(store, monkeypatch):
     assert run.data.params["method_overrides.umf.lr"] == "0.05"
 
     def finished(seed: int) -> str | None:
-        return tracking.finished_run_for(
+        return tracked_run.finished_run_for(
             params, store, experiment_id, "coat", "umf", seed, OVERRIDES
         )
 
@@ -497,12 +488,12 @@ def test_parent_flow_helpers(store, monkeypatch):
     assert finished(0) == first.run_id and finished(1) is None
     second = train(store, "flow", seed=1, parent_run_id=parent)
 
-    table = tracking.aggregate_runs(experiment_id, [first.run_id], parent)
+    table = study.aggregate_runs(experiment_id, [first.run_id], parent)
     assert list(table["n_seeds"]) == [2]
-    assert tracking.results_for_flow_run("flow-run-1", store) is None  # nothing logged yet
+    assert study.results_for_flow_run("flow-run-1", store) is None  # nothing logged yet
     log_aggregate(parent, table)
-    tracking.end_parent_run(parent, [])
+    study.end_parent_run(parent, [])
     assert client.get_run(parent).info.status == "FINISHED"
-    assert tracking.results_for_flow_run("flow-run-1", store) == to_markdown(table)
-    assert tracking.results_for_flow_run("no-such-flow-run", store) is None
+    assert study.results_for_flow_run("flow-run-1", store) == to_markdown(table)
+    assert study.results_for_flow_run("no-such-flow-run", store) is None
     assert second.run_id in {r.info.run_id for r in runs_of("flow")}

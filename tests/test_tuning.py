@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from mlflow import MlflowClient
 
-from flows import tracking
+from flows import run_identity, store
 from flows.tune import (
     TAG_CHOSEN,
     TAG_KIND,
@@ -173,7 +173,7 @@ def test_tuned_defaults_replace_the_block_atomically_and_are_checked(tmp_path):
 @pytest.fixture
 def mlflow_store(tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    tracking.configure(tracking.default_tracking_uri(tmp_path), tmp_path)
+    store.configure(store.default_tracking_uri(tmp_path), tmp_path)
     yield tmp_path
     mlflow.set_tracking_uri(None)
     os.environ.pop("MLFLOW_TRACKING_URI", None)
@@ -196,9 +196,9 @@ def test_a_study_logs_every_trial_and_is_reused(mlflow_store):
     assert len(studies) == 1 and len(trials) == 3  # tuning.trials.coat
     study = studies[0]
     assert json.loads(study.data.tags[TAG_CHOSEN]) == chosen
-    assert all(t.data.tags[tracking.PARENT_TAG] == study.info.run_id for t in trials)
+    assert all(t.data.tags[run_identity.PARENT_TAG] == study.info.run_id for t in trials)
     completed = [t for t in trials if t.data.tags["ubo.trial_state"] == "complete"]
-    score = tracking.to_mlflow_key(OBJECTIVE)
+    score = store.to_mlflow_key(OBJECTIVE)
     top = max(t.data.metrics[score] for t in completed)
     best = [t for t in completed if t.data.metrics[score] == top]  # ties: Optuna's first
     best = min(best, key=lambda t: t.info.start_time)

@@ -3,7 +3,7 @@ sees it in (headless) Chromium.
 
 Skipped without `chromium` on PATH (Debian: `apt-get install chromium`). Everything lives in
 tmp_path: an MLflow store with one parent and two child runs of 3 epochs (real
-`flows.tracking.train_and_log` on a 30 x 12 data set), a Prefect database holding one flow
+`flows.tracked_run.train_and_log` on a 30 x 12 data set), a Prefect database holding one flow
 run of a tiny parent flow with two subflow runs, and the screenshots. Each test starts the
 servers and the browser through the script's own functions and checks that they are all
 stopped afterwards.
@@ -26,13 +26,9 @@ import mlflow
 import pytest
 from test_tracking import write_processed
 
-from flows.tracking import (
-    configure,
-    end_parent_run,
-    get_experiment_id,
-    start_parent_run,
-    train_and_log,
-)
+from flows.store import configure, get_experiment_id
+from flows.study import end_parent_run, start_parent_run
+from flows.tracked_run import train_and_log
 
 REPO = Path(__file__).resolve().parents[1]
 CHILDREN = ["coat/ubo/seed0", "coat/umf/seed0"]

@@ -19,6 +19,8 @@ import numpy as np
 from ubo_core.errors import DataError
 from ubo_core.fileio import load_npz, save_npz
 
+# Every stage writes, and training reads, `<folder>/<dataset>/dataset.npz`.
+DATASET_FILE = "dataset.npz"
 _PAIR_GROUPS = ("train", "test", "unexposed_test", "val", "hyper")
 # What `FeedbackData.load(with_test=False)` never reads: tuning must not see the test set.
 # true_relevance is the gamma the semi-synthetic test labels are drawn from, and the
@@ -253,3 +255,11 @@ def evaluable_users(
     test_neg = np.bincount(test_user[test_label == 0], minlength=n_users)
     train_pos = np.bincount(train_positive_users, minlength=n_users)
     return np.flatnonzero((test_pos > 0) & (test_neg > 0) & (train_pos > 0)).astype(np.int32)
+
+
+def load_processed(processed_dir: Path, dataset: str, with_test: bool = True) -> FeedbackData:
+    """The processed data set; `with_test=False` never reads its test split (tuning)."""
+    path = Path(processed_dir) / dataset / DATASET_FILE
+    if not path.is_file():
+        raise DataError(path, f"not found; build it with `dvc repro validation@{dataset}`")
+    return FeedbackData.load(path, with_test=with_test)

@@ -27,12 +27,11 @@ from ubo_core.config import (
     check_dataset,
     load_params,
 )
-from ubo_core.data import FeedbackData
+from ubo_core.data import DATASET_FILE, FeedbackData
 from ubo_core.datasets.download import MIRROR_ENV, download_dataset
 from ubo_core.errors import DataError, UboError
 from ubo_core.fileio import read_json, write_json
 
-DATASET_FILE = "dataset.npz"
 SUMMARY_FILE = "summary.json"
 SUMMARY_COLUMNS = (
     "source_n_users",

@@ -13,18 +13,15 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import yaml
 
 from ubo_core.config import DATASETS, load_params
-from ubo_core.data import FeedbackData
-from ubo_core.errors import ConfigError, DataError, UboError
+from ubo_core.data import load_processed
+from ubo_core.errors import ConfigError, UboError
 from ubo_core.methods import METHODS, check_method_params, resolve_config
 from ubo_core.trainer import FitResult, fit
-
-DATASET_FILE = "dataset.npz"
 
 
 def parse_overrides(pairs: Sequence[str]) -> dict[str, Any]:
@@ -36,14 +33,6 @@ def parse_overrides(pairs: Sequence[str]) -> dict[str, Any]:
             raise ConfigError("--set", f"expected key=value, got {pair!r}")
         overrides[key.strip()] = yaml.safe_load(value)
     return overrides
-
-
-def load_processed(processed_dir: Path, dataset: str, with_test: bool = True) -> FeedbackData:
-    """The processed data set; `with_test=False` never reads its test split (tuning)."""
-    path = Path(processed_dir) / dataset / DATASET_FILE
-    if not path.is_file():
-        raise DataError(path, f"not found; build it with `dvc repro validation@{dataset}`")
-    return FeedbackData.load(path, with_test=with_test)
 
 
 def result_line(

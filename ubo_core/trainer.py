@@ -32,7 +32,13 @@ from ubo_core.errors import TrainingDiverged, UboError
 from ubo_core.estimators import item_popularity_exposure, log_loss
 from ubo_core.methods import get_method
 from ubo_core.methods.base import Method
-from ubo_core.metrics import RankingTask, exposure_pcc, ranking_metrics, snips_metrics
+from ubo_core.metrics import (
+    RankingTask,
+    exposure_pcc,
+    per_user_metrics,
+    ranking_metrics,
+    snips_metrics,
+)
 
 KS = (1, 2, 3)
 
@@ -60,6 +66,13 @@ class FitResult:
     history: list[EpochReport] = field(default_factory=list)
     seconds: float = 0.0
     device: str = "cpu"
+    # The random-exposure test set per user (the report's paired tests): user ids ascending
+    # and each metric's per-user values, whose means are `test_metrics`; empty untested.
+    test_users: np.ndarray | None = None
+    test_per_user: dict[str, np.ndarray] = field(default_factory=dict)
+    # The method's exposure estimate at each test pair (data.test_user / test_item order),
+    # or None (untested, or a method without an exposure model).
+    test_exposure: np.ndarray | None = None
 
 
 Callback = Callable[[EpochReport], None]
@@ -83,16 +96,10 @@ def fit(
     callback may raise to stop training (a pruned tuning trial)."""
     if (evaluate_test_set or track_test) and not data.has_test:
         raise UboError("fit: the data set was loaded without its test split")
-    cls = get_method(method_name)
-    device = resolve_device(train.device)
-    threads = train.cpu_threads()
-    if device.type == "cpu" and threads is not None:
-        torch.set_num_threads(threads)
-    torch.manual_seed(seed)
-    generator = torch.Generator(device=device).manual_seed(seed)
-    tensors = TrainingTensors(data, device)
-    method = cls(tensors, train, hyper, generator)
-    sampler = make_sampler(cls.sampling, tensors, train, generator)
+    tensors = TrainingTensors(data, resolve_device(train.device))
+    device = tensors.device
+    method, generator = build_method(method_name, tensors, train, hyper, seed)
+    sampler = make_sampler(type(method).sampling, tensors, train, generator)
     history: list[EpochReport] = []
     training_seconds, steps, pairs = 0.0, 0, 0
     bar = tqdm(
@@ -137,8 +144,28 @@ def fit(
             )
             if callback is not None:
                 callback(report)
-    test_metrics = evaluate_test(method, tensors) if evaluate_test_set else {}
-    return FitResult(method, test_metrics, history, training_seconds, str(device))
+    result = FitResult(method, {}, history, training_seconds, str(device))
+    if evaluate_test_set:
+        result.test_users, result.test_per_user = evaluate_test_per_user(method, tensors)
+        result.test_metrics = evaluate_test(method, tensors)
+        result.test_exposure = pair_exposure(method, data.test_user, data.test_item)
+    return result
+
+
+def build_method(
+    method_name: str, tensors: TrainingTensors, train: TrainConfig, hyper: Any, seed: int
+) -> tuple[Method, torch.Generator]:
+    """The method as `fit` constructs it, and the generator its sampler draws from: CPU
+    threads set (`train.threads`), torch's global RNG and the generator seeded with `seed`.
+    Reloading a logged model goes through here too, so any random structure a method draws
+    at construction outside its `state()` is the trained run's."""
+    cls = get_method(method_name)
+    threads = train.cpu_threads()
+    if tensors.device.type == "cpu" and threads is not None:
+        torch.set_num_threads(threads)
+    torch.manual_seed(seed)
+    generator = torch.Generator(device=tensors.device).manual_seed(seed)
+    return cls(tensors, train, hyper, generator), generator
 
 
 def make_sampler(
@@ -185,6 +212,15 @@ def task_scores(method: Method, task: RankingTask) -> np.ndarray:
     return scores
 
 
+def evaluate_test_per_user(
+    method: Method, tensors: TrainingTensors
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """(user ids, metric -> per-user values) on the random-exposure test set."""
+    task = tensors.test_task
+    assert task is not None, "loaded without its test split"
+    return task.user_ids, per_user_metrics(task_scores(method, task), task, KS)
+
+
 # Metric-name prefix of the second semi-synthetic test protocol (`evaluate_test`).
 UNEXPOSED_PREFIX = "unexposed_"
 
@@ -192,8 +228,8 @@ UNEXPOSED_PREFIX = "unexposed_"
 def evaluate_test(method: Method, tensors: TrainingTensors) -> dict[str, float]:
     """DCG@K, MAP@K and Recall@K on the random-exposure test set; on semi-synthetic data also
     on the relevant-but-unexposed lists (Saito et al.'s protocol), prefixed `unexposed_`."""
-    assert tensors.test_task is not None, "loaded without its test split"
-    metrics = ranking_metrics(task_scores(method, tensors.test_task), tensors.test_task, KS)
+    _, per_user = evaluate_test_per_user(method, tensors)
+    metrics = {name: float(values.mean()) for name, values in per_user.items()}
     task = tensors.unexposed_test_task
     if task is not None:
         unexposed = ranking_metrics(task_scores(method, task), task, KS)
@@ -222,6 +258,27 @@ def evaluate_epoch(method: Method, tensors: TrainingTensors) -> dict[str, float]
         if estimate is not None:
             metrics["pcc"] = exposure_pcc(estimate, tensors.true_exposure.cpu().numpy())
     return metrics
+
+
+@torch.no_grad()
+def pair_exposure(
+    method: Method, users: np.ndarray, items: np.ndarray, block: int = 4096
+) -> np.ndarray | None:
+    """The method's exposure estimate m_bar at each (user, item) pair, float64, or None for
+    methods without one. Computed per block of users so that memory stays O(block x M)."""
+    users, items = np.asarray(users), np.asarray(items)
+    out = np.empty(users.shape, dtype=np.float64)
+    unique = np.unique(users)
+    for start in range(0, unique.size, block):
+        chunk = unique[start : start + block]
+        rows = method.exposure(torch.as_tensor(chunk, dtype=torch.long, device=method.device))
+        if rows is None:
+            return None
+        selected = np.isin(users, chunk)
+        row = torch.as_tensor(np.searchsorted(chunk, users[selected]), device=method.device)
+        col = torch.as_tensor(items[selected].astype(np.int64), device=method.device)
+        out[selected] = rows[row, col].double().cpu().numpy()
+    return out
 
 
 @torch.no_grad()
