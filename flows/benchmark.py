@@ -61,7 +61,8 @@ def submit_child(deployment: str, parameters: dict[str, Any], name: str) -> Any:
     )
 
 
-def _repo() -> Path:
+def repo_root() -> Path:
+    """The repository the flows run in: `$UBO_REPO` (tests, other checkouts) or this one."""
     return Path(os.environ.get("UBO_REPO", REPO)).resolve()
 
 
@@ -76,7 +77,7 @@ def ubo_train(
     parent_run_id: str | None = None,
 ) -> dict[str, Any]:
     """Train one (data set, method, seed) and record it in MLflow (skipped if already done)."""
-    repo = _repo()
+    repo = repo_root()
     store.configure(tracking_uri, repo)
     child = tracked_run.train_and_log(
         dataset=dataset,
@@ -113,7 +114,7 @@ def ubo(
     method_overrides[method] to one method. Returns the results table (markdown).
     """
     logger = get_run_logger()
-    repo = _repo()
+    repo = repo_root()
     store.configure(tracking_uri, repo)
     params = load_params(repo / "params.yaml")
     check_method_params(params)

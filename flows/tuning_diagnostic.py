@@ -18,7 +18,7 @@ from pathlib import Path
 from mlflow import MlflowClient
 
 from flows import store, tracked_run
-from flows.tune import format_values, untuned_config
+from flows.tune_study import format_values, untuned_config
 from ubo_core.config import load_params
 
 REPO = Path(__file__).resolve().parents[1]

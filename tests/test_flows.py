@@ -463,7 +463,7 @@ def test_the_repositorys_own_store_saw_none_of_this(stack, benchmark):
 # -- 4. tuning ---------------------------------------------------------------------------------
 def test_tune_fans_studies_out_to_the_workers_and_records_every_trial(stack):
     """ubo/tune on coat x (umf, ubo), 3 trials each (the copy's params.yaml `tuning`)."""
-    from flows.tune import TAG_CHOSEN, TAG_KIND
+    from flows.tune_study import TAG_CHOSEN, TAG_KIND
 
     experiment = stack.experiment("tune")
     parameters = {

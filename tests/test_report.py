@@ -1,4 +1,4 @@
-"""The report (flows/report.py): hand-checked statistics, runs selected by code, data and
+"""The report (flows/report*.py): hand-checked statistics, runs selected by code, data and
 config version and never mixed, byte-identical output on a rerun."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from flows import report, run_identity, store, tracked_run
+from flows import report, report_runs, report_tables, run_identity, store, tracked_run
 from tests.test_tracking import write_processed
 
 DATASETS = ["coat", "ml100k"]
@@ -22,20 +22,20 @@ SEEDS = [0, 1]
 
 def test_holm_adjustment_by_hand():
     # sorted 0.01, 0.03, 0.04 -> 3 * 0.01, max(0.03, 2 * 0.03), max(0.06, 1 * 0.04)
-    assert report.holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])
-    assert report.holm([0.5, 0.9]) == [1.0, 1.0]  # capped at 1
+    assert report_runs.holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])
+    assert report_runs.holm([0.5, 0.9]) == [1.0, 1.0]  # capped at 1
 
 
 def test_paired_tests_average_over_seeds_then_test_over_users():
     users = [10, 11, 12]
-    study = report.Study(runs=pd.DataFrame())
+    study = report_runs.Study(runs=pd.DataFrame())
     # Per-user differences UBO - UMF: seed 0 (0.0, 0.2, 0.4), seed 1 (0.2, 0.2, 0.2)
     # -> per user 0.1, 0.2, 0.3: mean 0.2, sd 0.1, t = 0.2 / (0.1 / sqrt 3) = 2 sqrt 3, df 2.
     study.per_user[("coat", "ubo", 0)] = pd.Series([0.5, 0.7, 0.9], index=users)
     study.per_user[("coat", "umf", 0)] = pd.Series([0.5, 0.5, 0.5], index=users)
     study.per_user[("coat", "ubo", 1)] = pd.Series([0.6, 0.6, 0.6], index=users)
     study.per_user[("coat", "umf", 1)] = pd.Series([0.4, 0.4, 0.4], index=users)
-    (row,) = report.paired_tests(study, "coat", ["umf"]).to_dict("records")
+    (row,) = report_runs.paired_tests(study, "coat", ["umf"]).to_dict("records")
     assert row["mean_diff"] == pytest.approx(0.2)
     assert (row["n_users"], row["n_seeds"], row["seeds_won"]) == (3, 2, 2)
     t = 2 * math.sqrt(3)
@@ -47,15 +47,15 @@ def test_paired_tests_average_over_seeds_then_test_over_users():
 
 
 def test_paper_values_and_difference_in_std_units():
-    assert report.paper_value("yahoo", "dcg@3", "ubo") == 0.888
-    assert report.paper_value("coat", "map@1", "relmf") == 0.555
-    assert report.paper_value("ml100k", "dcg@3", "ubo") is None
+    assert report_runs.paper_value("yahoo", "dcg@3", "ubo") == 0.888
+    assert report_runs.paper_value("coat", "map@1", "relmf") == 0.555
+    assert report_runs.paper_value("ml100k", "dcg@3", "ubo") is None
     table = pd.DataFrame(
         {"dcg@3_mean": [0.90], "dcg@3_std": [0.031]}
-        | {f"{m}_{s}": [0.5] for m in report.METRICS if m != "dcg@3" for s in ("mean", "std")},
+        | {f"{m}_{s}": [0.5] for m in report_runs.METRICS if m != "dcg@3" for s in ("mean", "std")},
         index=pd.MultiIndex.from_tuples([("coat", "ubo")]),
     )
-    text = report.paper_table(table, "coat")
+    text = report_tables.paper_table(table, "coat")
     assert "**0.900 ± 0.031**<br>paper 0.931 (-1.0σ)" in text  # (0.900 - 0.931) / 0.031
 
 
@@ -138,10 +138,10 @@ def test_report_is_byte_identical_on_a_rerun_and_names_versions(study_store, tmp
 
 def test_report_numbers_are_the_runs_means(study_store):
     store.configure(store.default_tracking_uri(study_store), study_store)
-    study = report.collect(study_store, "study", DATASETS, METHODS, SEEDS)
+    study = report_runs.collect(study_store, "study", DATASETS, METHODS, SEEDS)
     runs = study.runs
     assert len(runs) == 20 and not study.missing and study.other_versions == 0
-    table = report.summary(runs)
+    table = report_runs.summary(runs)
     ubo = runs[(runs.dataset == "coat") & (runs.method == "ubo")]["dcg@3"]
     assert table.loc[("coat", "ubo"), "dcg@3_mean"] == pytest.approx(ubo.mean())
     assert table.loc[("coat", "ubo"), "dcg@3_std"] == pytest.approx(ubo.std(ddof=1))
@@ -155,11 +155,11 @@ def test_semisynthetic_tables_carry_the_draw_noise_and_the_reference_rankings(st
     """Per method: DCG@3 with the standard error over users of the seed-mean per-user DCG@3;
     then the rankings by true gamma, true m and popularity of the processed test set."""
     store.configure(store.default_tracking_uri(study_store), study_store)
-    study = report.collect(study_store, "study", DATASETS, METHODS, SEEDS)
+    study = report_runs.collect(study_store, "study", DATASETS, METHODS, SEEDS)
     assert "coat" not in study.references
     names = [r.name for r in study.references["ml100k"]]
     assert names == ["true_relevance", "true_exposure", "popularity"]
-    text = report.draw_noise_table(study, report.summary(study.runs), "ml100k")
+    text = report_tables.draw_noise_table(study, report_runs.summary(study.runs), "ml100k")
     users = pd.concat([study.per_user[("ml100k", "ubo", s)] for s in SEEDS], axis=1).mean(1)
     se = users.std(ddof=1) / math.sqrt(len(users))
     runs = study.runs
@@ -174,10 +174,10 @@ def test_semisynthetic_tables_carry_the_second_test_protocol(study_store):
     """The unexposed lists' metrics are the runs' means, with the reference rankings on the
     same lists and the two protocols' method orders; real data has none of it."""
     store.configure(store.default_tracking_uri(study_store), study_store)
-    study = report.collect(study_store, "study", DATASETS, METHODS, SEEDS)
-    table = report.summary(study.runs)
+    study = report_runs.collect(study_store, "study", DATASETS, METHODS, SEEDS)
+    table = report_runs.summary(study.runs)
     assert math.isnan(table.loc[("coat", "ubo"), "unexposed_dcg@3_mean"])
-    lines = report.unexposed_section(study, table, "ml100k")
+    lines = report_tables.unexposed_section(study, table, "ml100k")
     runs = study.runs
     mean = runs[(runs.dataset == "ml100k") & (runs.method == "ubo")]["unexposed_dcg@3"].mean()
     assert 0 < mean <= 1 + 1 / math.log2(3) + 0.5
@@ -197,7 +197,7 @@ def test_report_never_mixes_versions_and_refuses_missing_runs(study_store, tmp_p
     try:
         params.write_text(original.replace("epochs: 3", "epochs: 4"))  # another configuration
         store.configure(store.default_tracking_uri(study_store), study_store)
-        study = report.collect(study_store, "study", DATASETS, METHODS, SEEDS)
+        study = report_runs.collect(study_store, "study", DATASETS, METHODS, SEEDS)
         assert study.runs.empty and len(study.missing) == 20 and study.other_versions == 20
         assert run_report(study_store, tmp_path) == 1
         assert "no finished run of code version" in capsys.readouterr().err

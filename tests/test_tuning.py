@@ -14,14 +14,8 @@ import pytest
 from mlflow import MlflowClient
 
 from flows import run_identity, store
-from flows.tune import (
-    TAG_CHOSEN,
-    TAG_KIND,
-    default_values,
-    latest_choices,
-    merged_choices,
-    run_study,
-)
+from flows.tune import latest_choices, merged_choices
+from flows.tune_study import TAG_CHOSEN, TAG_KIND, default_values, run_study
 from tests.test_tracking import write_processed
 from ubo_core import trainer
 from ubo_core.config import ConfigError, load_params
