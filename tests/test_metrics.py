@@ -14,12 +14,23 @@ from ubo_core.metrics import (
     exposure_pcc,
     per_user_metrics,
     ranking_metrics,
-    ranks,
     snips_metrics,
     snips_per_user_metrics,
 )
+from ubo_core.metrics import _rank_order as rank_order
 
 LOG2_3 = math.log2(3)
+
+
+def ranks(scores: np.ndarray, task: RankingTask) -> np.ndarray:
+    """(n_users, L) 1-based rank of every candidate within its user's list, 0 at padding: the
+    order every metric reads, made visible for the tie-breaking tests."""
+    order = rank_order(scores, task)
+    out = np.empty(order.shape, dtype=np.int64)
+    positions = np.broadcast_to(np.arange(1, order.shape[1] + 1, dtype=np.int64), order.shape)
+    np.put_along_axis(out, order, positions, axis=1)
+    out[~task.mask] = 0
+    return out
 
 
 def single_user_task(labels: list[int], items: list[int] | None = None, user: int = 0):

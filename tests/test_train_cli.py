@@ -21,7 +21,7 @@ def test_registry_has_the_nine_methods_and_the_control():
     expected |= {"noopt"}
     assert set(METHODS) == expected
     for name, cls in METHODS.items():
-        assert cls.name == name  # registry key = class name attribute = params.yaml value
+        assert cls.__module__ == f"ubo_core.methods.{name}"  # registry key = module name
 
 
 def test_layers_override_in_order(tmp_path):

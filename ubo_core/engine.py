@@ -147,9 +147,6 @@ class PairSampler:
         self.tensors, self.batch_size, self.generator = tensors, batch_size, generator
         self.flat_labels = tensors.labels.view(-1)
 
-    def steps_per_epoch(self) -> int:
-        return -(-self.tensors.n_train_pairs() // self.batch_size)
-
     def epoch(self) -> Iterator[Batch]:
         index = self.tensors.pair_index
         order = torch.randperm(index.numel(), generator=self.generator, device=index.device)
@@ -176,9 +173,6 @@ class BlockSampler:
     def __init__(self, tensors: TrainingTensors, block_users: int, generator: torch.Generator):
         self.tensors, self.block_users, self.generator = tensors, block_users, generator
 
-    def steps_per_epoch(self) -> int:
-        return -(-self.tensors.n_users // self.block_users)
-
     def epoch(self) -> Iterator[Batch]:
         t = self.tensors
         order = torch.randperm(t.n_users, generator=self.generator, device=t.device)
@@ -191,9 +185,6 @@ class TripleSampler:
 
     def __init__(self, tensors: TrainingTensors, batch_size: int, generator: torch.Generator):
         self.tensors, self.batch_size, self.generator = tensors, batch_size, generator
-
-    def steps_per_epoch(self) -> int:
-        return -(-self.tensors.n_train_pairs() // self.batch_size)
 
     def epoch(self) -> Iterator[Batch]:
         t = self.tensors
@@ -240,9 +231,6 @@ class BlockTripleSampler:
         self.counts = torch.bincount(tensors.pos_users, minlength=tensors.n_users)
         self.offsets = torch.cumsum(self.counts, 0) - self.counts
         self.rounds = -(-tensors.n_train_pairs() // max(1, tensors.pos_users.numel()))
-
-    def steps_per_epoch(self) -> int:
-        return -(-self.tensors.n_users // self.block_users)
 
     def epoch(self) -> Iterator[Batch]:
         t = self.tensors

@@ -108,15 +108,3 @@ def item_popularity_exposure(n_positives: Tensor, power: float = 0.5) -> Tensor:
     if n_positives.max() <= 0:
         raise ValueError("item popularity needs at least one training positive")
     return (n_positives.double() / n_positives.max()) ** power
-
-
-def ips_gradient_variance(gamma: Tensor, exposure: Tensor, p: Tensor) -> Tensor:
-    """Var over R~ ~ Bern(m gamma) of dL1/dp with m_bar = m (Eq. 6):
-    gamma (1 - m gamma) / (m p^2 (1 - p)^2); unbounded as m -> 0."""
-    return gamma * (1 - exposure * gamma) / (exposure * p**2 * (1 - p) ** 2)
-
-
-def low_variance_gradient_variance(gamma: Tensor, exposure: Tensor, p: Tensor) -> Tensor:
-    """Var over R~ ~ Bern(m gamma) of dL2/dp (Eq. 11):
-    m gamma (1 - m gamma) / (p^2 (1 - m p)^2); bounded as m -> 0."""
-    return exposure * gamma * (1 - exposure * gamma) / (p**2 * (1 - exposure * p) ** 2)

@@ -26,7 +26,6 @@ __all__ = [
     "exposure_pcc",
     "per_user_metrics",
     "ranking_metrics",
-    "ranks",
     "snips_metrics",
     "snips_per_user_metrics",
 ]
@@ -245,38 +244,18 @@ def _check_scores(scores: np.ndarray, task: RankingTask) -> np.ndarray:
 
 
 def _rank_order(scores: np.ndarray, task: RankingTask) -> np.ndarray:
-    """(n_users, L) column indices of each user's candidates from rank 1 down, padding last."""
+    """(n_users, L) column indices of each user's candidates from rank 1 down, padding last.
+
+    By descending score; ties are broken pessimistically and deterministically: among equal
+    scores negatives (label 0) come before positives, then ascending item id, so a model never
+    gains from ties and a constant scorer gets the worst possible metrics. +/-inf scores are
+    allowed; a real candidate's NaN score is a MetricError."""
     arr = _check_scores(scores, task)
     # Padding shares the +inf score key with real -inf scores; its label key 2 still puts it last.
     score_key = np.where(task.mask, -arr, np.inf)
     label_key = np.where(task.mask, task.labels, 2)
     # lexsort: the last key is the primary one.
     return np.lexsort((task.item_ids, label_key, score_key), axis=-1)
-
-
-def ranks(scores: np.ndarray, task: RankingTask) -> np.ndarray:
-    """1-based rank of every candidate within its user's list, by descending score.
-
-    Ties are broken pessimistically and deterministically: among equal scores negatives (label 0)
-    come before positives, then ascending item id, so a model never gains from ties and a constant
-    scorer gets the worst possible metrics. +/-inf scores are allowed.
-
-    Args:
-        scores: (n_users, L) scores of the candidates (values at padding are ignored).
-        task: the candidates.
-
-    Returns:
-        (n_users, L) int64 ranks, 0 at padding.
-
-    Raises:
-        MetricError: if ``scores`` has the wrong shape or a real candidate's score is NaN.
-    """
-    order = _rank_order(scores, task)
-    out = np.empty(order.shape, dtype=np.int64)
-    positions = np.broadcast_to(np.arange(1, order.shape[1] + 1, dtype=np.int64), order.shape)
-    np.put_along_axis(out, order, positions, axis=1)
-    out[~task.mask] = 0
-    return out
 
 
 def _check_ks(ks: Iterable[int]) -> tuple[int, ...]:
@@ -348,7 +327,8 @@ def per_user_metrics(
     - MAP@K = (1/hits@K) sum_{k<=K} hit_k precision@k, precision@k = hits@k / k; 0 without a hit;
     - Recall@K = hits@K / n_pos; 0 if n_pos = 0.
 
-    A K beyond a user's list length just means fewer ranks. Ranks follow :func:`ranks`.
+    A K beyond a user's list length just means fewer ranks. Ties are pessimistic: among equal
+    scores negatives rank first, then ascending item id (`_rank_order`).
 
     Args:
         scores: (n_users, L) candidate scores, e.g. from :meth:`RankingTask.gather`.

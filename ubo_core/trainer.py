@@ -188,9 +188,6 @@ class FullSampler:
     def __init__(self, tensors: TrainingTensors) -> None:
         self.tensors = tensors
 
-    def steps_per_epoch(self) -> int:
-        return 1
-
     def epoch(self) -> Iterator[Batch]:
         t = self.tensors
         users = torch.arange(t.n_users, device=t.device)

@@ -9,8 +9,6 @@ from ubo_core.methods.exposure_mf import ExposureMF
 
 
 class AlterOpt(ExposureMF):
-    name = "alteropt"
-
     def step(self, batch: Batch) -> dict[str, Tensor]:
         self.exposure_step_on_train(batch)
         return {"train_loss": self.relevance_step(batch)}

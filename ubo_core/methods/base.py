@@ -32,7 +32,6 @@ class Method(ABC):
     dense mode), "triples" (BPR) or "full" (one step per epoch on everything: EM methods).
     """
 
-    name: ClassVar[str]
     Hyper: ClassVar[type] = NoHyper
     sampling: ClassVar[str] = "pointwise"
 

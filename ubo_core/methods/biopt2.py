@@ -10,8 +10,6 @@ from ubo_core.methods.exposure_mf import ExposureMF, StepRows
 
 
 class BiOpt2(ExposureMF):
-    name = "biopt2"
-
     def step(self, batch: Batch) -> dict[str, Tensor]:
         outer_loss = self.bilevel_exposure_step(batch, self.batch_outer, with_validation=False)
         return {"train_loss": self.relevance_step(batch), "outer_loss": outer_loss}

@@ -19,7 +19,6 @@ from ubo_core.methods.rows import RowAdam, RowSubset
 
 
 class BPR(Method):
-    name = "bpr"
     sampling = "triples"
     hand_derived = True  # False: paper mode through autograd (the reference, for tests)
 

@@ -192,7 +192,6 @@ def per_model_mean(per_pair: Tensor, mask: Tensor | None, weight: Tensor | None)
 
 
 class CJMF(Method):
-    name = "cjmf"
     Hyper = CJMFHyper
 
     def __init__(

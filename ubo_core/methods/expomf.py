@@ -230,7 +230,6 @@ class ExpoMF(Method):
     Parameters (plain tensors, updated in place): theta (N, d), beta (M, d), mu (M,).
     """
 
-    name = "expomf"
     Hyper = ExpoMFHyper
     sampling = "full"
 

@@ -9,7 +9,5 @@ from ubo_core.methods.exposure_mf import ExposureMF
 
 
 class JointOpt(ExposureMF):
-    name = "jointopt"
-
     def step(self, batch: Batch) -> dict[str, Tensor]:
         return {"train_loss": self.joint_step(batch)}

@@ -14,7 +14,5 @@ from ubo_core.methods.exposure_mf import ExposureMF
 
 
 class NoOpt(ExposureMF):
-    name = "noopt"
-
     def step(self, batch: Batch) -> dict[str, Tensor]:
         return {"train_loss": self.relevance_step(batch)}

@@ -23,7 +23,6 @@ class RelMFHyper:
 
 
 class RelMF(FixedExposureMF):
-    name = "relmf"
     Hyper = RelMFHyper
     loss = staticmethod(ips_loss)
     loss_slope = staticmethod(ips_loss_slope)

@@ -11,8 +11,6 @@ from ubo_core.methods.exposure_mf import ExposureMF
 
 
 class UBO(ExposureMF):
-    name = "ubo"
-
     def step(self, batch: Batch) -> dict[str, Tensor]:
         val_loss = self.validation_bilevel_step(batch)
         train_loss = self.relevance_step(batch)

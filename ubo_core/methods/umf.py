@@ -11,7 +11,6 @@ from ubo_core.methods.pointwise import FixedExposureMF
 
 
 class UMF(FixedExposureMF):
-    name = "umf"
     loss = staticmethod(low_variance_loss)
     loss_slope = staticmethod(low_variance_slope)
 
