@@ -72,6 +72,8 @@ PAPER: dict[str, dict[str, tuple[float, ...]]] = {
     },
 }
 PCC_CHECKPOINTS = (1, 5, 10, 20, 50, 100)
+# The per-epoch hyper-validation objective (SNIPS DCG@3) as flows/tracked_run.py logs it.
+HYPER_KEY = "val/hyper_snips_dcg_at_3"
 REFERENCE_DISPLAY = {
     "true_relevance": "ranked by the true γ (ceiling)",
     "true_exposure": "ranked by the true m",
@@ -177,6 +179,8 @@ def collect(
                         "machine": tags.get(run_identity.TAG_MACHINE, "unknown"),
                         "device": tags.get("device", "unknown"),
                         "epochs": int(run.data.params.get("train.epochs", 0)),
+                        # The selection objective at the run's last epoch (the tuned one).
+                        "hyper": run.data.metrics.get(HYPER_KEY, math.nan),
                     }
                 )
                 study.per_user[(dataset, method, seed)] = per_user

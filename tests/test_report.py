@@ -225,3 +225,18 @@ def test_report_pinned_to_a_code_version_selects_only_that_versions_runs(
     assert "Written by `python -m flows.report --code-version unknown` from" in text
     assert "Code version: `unknown` (a hash of the git tree of ubo_core, given on the" in text
     assert "Runs: 20 " in text and "one benchmark invocation: 20 runs from " in text
+
+
+def test_hyper_validation_against_test_per_method(study_store):
+    """Each method's selection objective (SNIPS DCG@3 at its last epoch, as logged) beside its
+    test DCG@3, with ranks and Spearman's rho; the objective is the run's logged value."""
+    store.configure(store.default_tracking_uri(study_store), study_store)
+    study = report_runs.collect(study_store, "study", DATASETS, METHODS, SEEDS)
+    runs = study.runs
+    ubo = runs[(runs.dataset == "coat") & (runs.method == "ubo")]
+    run = mlflow.get_run(ubo.iloc[0]["run_id"])
+    assert ubo.iloc[0]["hyper"] == run.data.metrics["val/hyper_snips_dcg_at_3"]
+    text = report_tables.hyper_vs_test(study, "coat")
+    line = next(x for x in text.splitlines() if x.startswith("| UBO |"))
+    assert line.startswith(f"| UBO | {ubo['hyper'].mean():.3f} ± {ubo['hyper'].std():.3f} |")
+    assert f"across all {len(runs[runs.dataset == 'coat'])} runs" in text
