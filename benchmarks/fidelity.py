@@ -9,7 +9,8 @@
 A row names one open choice: the paper's words, our default and why, and its variants as
 config overrides (method knobs, train keys, or the validation stage's keys, for which the
 validation set is rebuilt in memory from the interim data). Every variant starts from the
-study's tuned values of params.yaml (`datasets:` layer; the paper-mode rows start from the
+study's tuned values (`datasets:` layer of docs/fidelity/base_params.yaml, the params.yaml
+the recorded runs used; `--params params.yaml` for today's; the paper-mode rows start from the
 untuned values instead, since the tuned ones are dense mode's) and changes only what the row
 says. Each run uses one thread, so its numbers do not depend on the machine's core count.
 
@@ -52,6 +53,10 @@ from ubo_core.trainer import fit  # noqa: E402
 from ubo_core.tuning import untuned  # noqa: E402
 
 RUNS = REPO / "docs" / "fidelity" / "runs.jsonl"
+# The params.yaml the recorded runs started from: the study's tuned values before the third
+# tuning round (docs/TUNING.md), kept so that `table` finds its runs and `run` reproduces them
+# after params.yaml is re-tuned. `--params params.yaml` measures at today's values instead.
+BASE_PARAMS = REPO / "docs" / "fidelity" / "base_params.yaml"
 FIDELITY_MD = REPO / "docs" / "FIDELITY.md"
 TABLE_START, TABLE_END = "<!-- fidelity-table:start -->", "<!-- fidelity-table:end -->"
 CAP_EPOCHS = {"coat": 100, "yahoo": 50}  # Yahoo's tuned UBO peaks at epoch 28
@@ -368,11 +373,13 @@ def needed(
     return keys
 
 
-def run(rows: list[Row], datasets: list[str] | None, seeds: list[int], jobs: int) -> None:
+def run(
+    rows: list[Row], datasets: list[str] | None, seeds: list[int], jobs: int, params_path: Path
+) -> None:
     version = code_version(REPO)
     if "+dirty" in version:
         sys.exit("error: ubo_core has uncommitted changes; commit them so runs name a version")
-    params = load_params(REPO / "params.yaml")  # read once: later edits do not reach the runs
+    params = load_params(params_path)  # read once: later edits do not reach the runs
     data_dirs = (str(params.data.interim_dir), str(params.data.processed_dir))
     done = load_runs()
     wanted = needed(params, rows, datasets, seeds, version)
@@ -447,9 +454,9 @@ def cell_records(
 TABLE_DATASETS = ("coat", "yahoo")
 
 
-def table(seeds: list[int], version: str | None = None) -> str:
+def table(seeds: list[int], version: str | None = None, params_path: Path = BASE_PARAMS) -> str:
     runs = load_runs()
-    params = load_params(REPO / "params.yaml")
+    params = load_params(params_path)
     columns = " | ".join(f"{d}: hyper-val | {d}: test" for d in TABLE_DATASETS)
     lines = [
         f"| choice | the paper | ours (default) | variant | {columns} | command |",
@@ -487,8 +494,9 @@ def table(seeds: list[int], version: str | None = None) -> str:
     lines.append(
         f"Mean ± std over seeds {', '.join(map(str, seeds))}; hyper-val: best SNIPS DCG@3 on "
         "the hyper-validation set over the epochs; test: DCG@3 at that epoch (* the best "
-        "epoch was the cap's for at least one seed). UBO (dense mode, the study's tuned values "
-        "of params.yaml) unless the variant names another method. Code version(s): "
+        "epoch was the cap's for at least one seed). UBO (dense mode, the tuned values of "
+        f"{params_path.relative_to(REPO) if params_path.is_relative_to(REPO) else params_path}"
+        ") unless the variant names another method. Code version(s): "
         f"{versions}." + (f" {missing} cells not run yet." if missing else "")
     )
     return "\n".join(lines)
@@ -524,13 +532,13 @@ def agreement() -> str:
     return "\n".join(lines)
 
 
-def write_table(seeds: list[int], check: bool, version: str | None) -> int:
+def write_table(seeds: list[int], check: bool, version: str | None, params_path: Path) -> int:
     text = FIDELITY_MD.read_text()
     head, start, rest = text.partition(TABLE_START)
     _, end, tail = rest.partition(TABLE_END)
     if not start or not end:
         sys.exit(f"error: {FIDELITY_MD} lacks the {TABLE_START} ... {TABLE_END} markers")
-    new = f"{head}{TABLE_START}\n{table(seeds, version)}\n{TABLE_END}{tail}"
+    new = f"{head}{TABLE_START}\n{table(seeds, version, params_path)}\n{TABLE_END}{tail}"
     if check:
         if new != text:
             print(f"{FIDELITY_MD} is out of date: run `python benchmarks/fidelity.py table`")
@@ -551,10 +559,16 @@ def main() -> int:
     run_parser.add_argument("--datasets", help="comma-separated; default: the row's")
     run_parser.add_argument("--seeds", default="0,1,2")
     run_parser.add_argument("--jobs", type=int, default=2, help="runs side by side")
+    run_parser.add_argument(
+        "--params", type=Path, default=BASE_PARAMS, help="base configuration (default: %(default)s)"
+    )
     table_parser = sub.add_parser("table", help="write docs/FIDELITY.md's table")
     table_parser.add_argument("--seeds", default="0,1,2")
     table_parser.add_argument("--check", action="store_true", help="fail if out of date")
     table_parser.add_argument("--code-version", help="default: that of the last recorded run")
+    table_parser.add_argument(
+        "--params", type=Path, default=BASE_PARAMS, help="base configuration (default: %(default)s)"
+    )
     sub.add_parser("list", help="the rows and their variants")
     sub.add_parser("agreement", help="hyper-validation objective against test, after the fact")
     args = parser.parse_args()
@@ -569,13 +583,13 @@ def main() -> int:
         return 0
     seeds = [int(s) for s in args.seeds.split(",")]
     if args.command == "table":
-        return write_table(seeds, args.check, args.code_version)
+        return write_table(seeds, args.check, args.code_version, args.params)
     if args.all:
         rows = [row for row in ROWS.values() if not row.hours]
     else:
         rows = [ROWS[name] for name in args.row]
     datasets = args.datasets.split(",") if args.datasets else None
-    run(rows, datasets, seeds, args.jobs)
+    run(rows, datasets, seeds, args.jobs, args.params)
     return 0
 
 
