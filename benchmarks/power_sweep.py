@@ -35,6 +35,7 @@ from benchmarks.fidelity import train_record  # noqa: E402
 from flows.run_identity import code_version  # noqa: E402
 from ubo_core.config import load_params  # noqa: E402
 from ubo_core.data import FeedbackData  # noqa: E402
+from ubo_core.datasets.registry import get_dataset  # noqa: E402
 from ubo_core.datasets.semisynthetic import build_semisynthetic  # noqa: E402
 from ubo_core.datasets.validation import build_validation_sets  # noqa: E402
 from ubo_core.methods import resolve_config  # noqa: E402
@@ -49,7 +50,9 @@ def build(dataset: str, power: float, folder: Path) -> tuple[Path, dict[str, Any
     `folder`, and its reference rankings' DCG@3."""
     params = load_params(REPO / "params.yaml")
     config = dataclasses.replace(params.semisynthetic, exposure_power=power)
-    data, _ = build_semisynthetic(dataset, REPO / params.data.raw_dir / dataset, config)
+    data, _ = build_semisynthetic(
+        get_dataset(params, dataset), REPO / params.data.raw_dir / dataset, config
+    )
     data = build_validation_sets(data, params.validation)
     path = folder / f"{dataset}_power{power:g}.npz"
     data.save(path)

@@ -31,6 +31,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from ubo_core.config import load_params  # noqa: E402
+from ubo_core.datasets.registry import get_dataset  # noqa: E402
 from ubo_core.datasets.semisynthetic import build_semisynthetic  # noqa: E402
 from ubo_core.reference_rankings import reference_rankings  # noqa: E402
 
@@ -53,7 +54,9 @@ def additive_share(m: np.ndarray) -> float:
 def describe(dataset: str, generator: str, power: float) -> dict[str, float | str]:
     params = load_params(REPO / "params.yaml")
     config = dataclasses.replace(params.semisynthetic, generator=generator, exposure_power=power)
-    data, _ = build_semisynthetic(dataset, REPO / params.data.raw_dir / dataset, config)
+    data, _ = build_semisynthetic(
+        get_dataset(params, dataset), REPO / params.data.raw_dir / dataset, config
+    )
     assert data.true_relevance is not None and data.true_exposure is not None
     gamma = data.true_relevance.astype(np.float64)
     m = np.clip(data.true_exposure.astype(np.float64), 1e-12, 1 - 1e-12)

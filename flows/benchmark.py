@@ -23,7 +23,7 @@ from prefect.deployments import run_deployment
 from prefect.runtime import flow_run as current_flow_run
 
 from flows import store, study, tracked_run
-from ubo_core.config import DATASETS, load_params
+from ubo_core.config import load_params
 from ubo_core.methods import METHODS, check_method_params, get_method, resolve_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -96,8 +96,8 @@ def ubo_train(
 
 @flow(name="ubo", log_prints=True)
 def ubo(
-    datasets: list[str] = list(DATASETS),  # noqa: B006 (Prefect parameters are copied)
-    methods: list[str] = list(METHODS),  # noqa: B006
+    datasets: list[str] | None = None,
+    methods: list[str] = list(METHODS),  # noqa: B006 (Prefect parameters are copied)
     seeds: list[int] = [0, 1, 2, 3, 4],  # noqa: B006
     overrides: dict[str, Any] | None = None,
     method_overrides: dict[str, dict[str, Any]] | None = None,
@@ -108,7 +108,8 @@ def ubo(
     train_deployment: str = TRAIN_DEPLOYMENT,
     poll_seconds: float = 5.0,
 ) -> str:
-    """The whole study: every data set x method x seed, one child flow run each.
+    """The whole study: every data set x method x seed, one child flow run each; by default
+    every data set of params.yaml's catalog.
 
     overrides apply to every method (train keys such as lr, or epochs/mode given directly);
     method_overrides[method] to one method. Returns the results table (markdown).
@@ -118,6 +119,7 @@ def ubo(
     store.configure(tracking_uri, repo)
     params = load_params(repo / "params.yaml")
     check_method_params(params)
+    datasets = list(params.catalog) if datasets is None else datasets
     common = dict(overrides or {})
     if epochs is not None:
         common["epochs"] = epochs

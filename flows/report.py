@@ -25,7 +25,6 @@ from flows import store
 from flows.report_figures import figures
 from flows.report_runs import REPO, SEEDS, collect
 from flows.report_tables import render
-from ubo_core.config import DATASETS
 from ubo_core.errors import UboError
 from ubo_core.fileio import atomic_path
 from ubo_core.methods import METHODS
@@ -44,7 +43,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--allow-partial", action="store_true", help="report even with missing runs"
     )
-    parser.add_argument("--datasets", nargs="+", default=list(DATASETS))
+    parser.add_argument(
+        "--datasets", nargs="+", default=None, help="default: every data set of the catalog"
+    )
     parser.add_argument("--methods", nargs="+", default=list(METHODS))
     parser.add_argument("--seeds", nargs="+", type=int, default=list(SEEDS))
     parser.add_argument(

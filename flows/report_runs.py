@@ -19,8 +19,9 @@ from scipy import stats
 
 from flows import run_identity, store, tracked_run
 from flows.study import summarise
-from ubo_core.config import DATASETS, SEMISYNTHETIC_DATASETS, load_params
+from ubo_core.config import load_params
 from ubo_core.data import FeedbackData
+from ubo_core.datasets.registry import SEMISYNTHETIC, Dataset, get_dataset
 from ubo_core.methods import METHODS
 from ubo_core.reference_rankings import ReferenceRanking, reference_rankings
 from ubo_core.trainer import UNEXPOSED_PREFIX
@@ -34,24 +35,9 @@ PAPER_METHODS = ("relmf", "expomf", "cjmf", "bpr", "umf", "ubo")  # Tables 1-2, 
 # NoOpt (a frozen at its initialisation) is our control, not the paper's: what optimising the
 # exposure net adds at all.
 RQ2_METHODS = ("ubo", "jointopt", "alteropt", "biopt2", "noopt")
-ALL_METHODS = (*PAPER_METHODS, "jointopt", "alteropt", "biopt2", "noopt")  # display order
+ALL_METHODS = tuple(METHODS)  # the registry's order: the paper's Tables 1-2, then ablations
 PCC_METHODS = ("expomf", "cjmf", "jointopt", "ubo")  # Figure 3
-DISPLAY = {
-    "ubo": "UBO",
-    "umf": "UMF",
-    "relmf": "RelMF",
-    "expomf": "ExpoMF",
-    "cjmf": "CJMF",
-    "bpr": "BPR",
-    "jointopt": "JointOpt",
-    "alteropt": "AlterOpt",
-    "biopt2": "BiOpt2",
-    "noopt": "NoOpt",
-    "coat": "Coat",
-    "yahoo": "Yahoo! R3",
-    "ml100k": "ML-100K (semi-synthetic)",
-    "amazon_cds": "Amazon CDs (semi-synthetic)",
-}
+METHOD_DISPLAY = {name: cls.display for name, cls in METHODS.items()}
 # The paper's Tables 1 and 2 (mean of 5 runs; ../shared/PAPER.md "Published numbers").
 PAPER: dict[str, dict[str, tuple[float, ...]]] = {
     "yahoo": {  # rows: METRICS; columns: PAPER_METHODS
@@ -103,6 +89,7 @@ class Study:
     mode: str = ""
     seeds: tuple[int, ...] = SEEDS
     tuned: bool = False  # params.yaml holds tuned values (a `datasets:` block)
+    datasets: dict[str, Dataset] = field(default_factory=dict)  # the reported, catalog order
     # Semi-synthetic sets: the test set ranked by the truth and by popularity (no training).
     references: dict[str, list[ReferenceRanking]] = field(default_factory=dict)
     unexposed_references: dict[str, list[ReferenceRanking]] = field(default_factory=dict)
@@ -114,17 +101,24 @@ class Study:
         """The series `store` (per_user or pcc_curves) holds for each seed, where it has one."""
         return [store[(dataset, method, s)] for s in seeds if (dataset, method, s) in store]
 
+    def of_kind(self, kind: str) -> list[str]:
+        """The reported data sets of `kind` (registry.REAL or SEMISYNTHETIC) that have runs."""
+        present = set(self.runs["dataset"]) if "dataset" in self.runs else set()
+        return [d for d, spec in self.datasets.items() if spec.kind == kind and d in present]
+
 
 def collect(
     repo: Path,
     experiment: str,
-    datasets: Sequence[str] = DATASETS,
+    datasets: Sequence[str] | None = None,
     methods: Sequence[str] = tuple(METHODS),
     seeds: Sequence[int] = SEEDS,
     code_version: str | None = None,
 ) -> Study:
-    """The runs of the grid at the checkout's code version, or at `code_version`."""
+    """The runs of the grid at the checkout's code version, or at `code_version`; by
+    default every data set of params.yaml's catalog."""
     params = load_params(repo / "params.yaml")
+    datasets = list(params.catalog) if datasets is None else list(datasets)
     experiment_id = store.get_experiment_id(experiment, repo)
     client = MlflowClient()
     processed = run_identity.resolve_processed_dir(params.data.processed_dir, repo)
@@ -135,9 +129,11 @@ def collect(
     study.mode = params.train.mode
     study.seeds = tuple(seeds)
     study.tuned = bool(params.datasets)
+    study.datasets = {name: get_dataset(params, name) for name in datasets}
     for dataset in datasets:
         study.data_versions[dataset] = run_identity.data_version(processed, dataset, repo)
-        if dataset in SEMISYNTHETIC_DATASETS:
+        semisynthetic = study.datasets[dataset].kind == SEMISYNTHETIC
+        if semisynthetic:
             path = processed / dataset / "dataset.npz"
             if path.is_file():
                 data = FeedbackData.load(path)
@@ -184,7 +180,7 @@ def collect(
                     }
                 )
                 study.per_user[(dataset, method, seed)] = per_user
-                if dataset in SEMISYNTHETIC_DATASETS:
+                if semisynthetic:
                     history = client.get_metric_history(run_id, "pcc")
                     study.pcc_curves[(dataset, method, seed)] = pd.Series(
                         {m.step: m.value for m in sorted(history, key=lambda m: m.step)}

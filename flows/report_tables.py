@@ -11,7 +11,7 @@ from scipy import stats
 
 from flows.report_runs import (
     ALL_METHODS,
-    DISPLAY,
+    METHOD_DISPLAY,
     METRICS,
     PAPER_METHODS,
     PCC_CHECKPOINTS,
@@ -25,7 +25,7 @@ from flows.report_runs import (
     summary,
 )
 from flows.study import metric_table as markdown_metric_table
-from ubo_core.config import DATASETS, REAL_DATASETS, SEMISYNTHETIC_DATASETS
+from ubo_core.datasets.registry import REAL, SEMISYNTHETIC
 from ubo_core.trainer import UNEXPOSED_PREFIX
 
 
@@ -46,7 +46,7 @@ def paper_table(table: pd.DataFrame, dataset: str) -> str:
     """Rows = metrics, columns = the paper's methods; `ours ± std` (best of the row in bold),
     the paper's value and the difference in units of our std."""
     methods = [m for m in PAPER_METHODS if (dataset, m) in table.index]
-    head = "| metric | " + " | ".join(DISPLAY[m] for m in methods) + " |"
+    head = "| metric | " + " | ".join(METHOD_DISPLAY[m] for m in methods) + " |"
     lines = [head, "|---|" + "---|" * len(methods)]
     for metric in METRICS:
         means = {m: table.loc[(dataset, m), f"{metric}_mean"] for m in methods}
@@ -75,7 +75,7 @@ def _signed(value: float) -> str:
 def metric_table(table: pd.DataFrame, dataset: str, methods: Sequence[str], metrics=METRICS) -> str:
     """`flows.study.metric_table` with display names, upper-case metric names, best in bold."""
     return markdown_metric_table(
-        table, dataset, methods, metrics, names=DISPLAY, label=_metric_label, bold_best=True
+        table, dataset, methods, metrics, names=METHOD_DISPLAY, label=_metric_label, bold_best=True
     )
 
 
@@ -97,8 +97,8 @@ def ordering_text(table: pd.DataFrame, dataset: str) -> str:
         (a, b) for i, a in enumerate(paper) for b in paper[i + 1 :] if ours.index(a) > ours.index(b)
     ]
     text = (
-        f"By DCG@3, ours: {' > '.join(DISPLAY[m] for m in ours)}; "
-        f"the paper's: {' > '.join(DISPLAY[m] for m in paper)}."
+        f"By DCG@3, ours: {' > '.join(METHOD_DISPLAY[m] for m in ours)}; "
+        f"the paper's: {' > '.join(METHOD_DISPLAY[m] for m in paper)}."
     )
     if not swapped:
         return text + " Same order."
@@ -109,11 +109,8 @@ def ordering_text(table: pd.DataFrame, dataset: str) -> str:
             (table.loc[(dataset, a), "dcg@3_std"] ** 2 + table.loc[(dataset, b), "dcg@3_std"] ** 2)
             / 2
         )
-        pairs.append(
-            f"{DISPLAY[b]} above {DISPLAY[a]} by {gap:.3f} ({gap / pooled:.1f} pooled std)"
-            if pooled
-            else f"{DISPLAY[b]} above {DISPLAY[a]} by {gap:.3f}"
-        )
+        above = f"{METHOD_DISPLAY[b]} above {METHOD_DISPLAY[a]} by {gap:.3f}"
+        pairs.append(f"{above} ({gap / pooled:.1f} pooled std)" if pooled else above)
     return (
         text
         + f" Pairs in the opposite order to the paper's ({len(swapped)}): "
@@ -130,7 +127,7 @@ def paired_table(tests: pd.DataFrame) -> str:
     ]
     for _, row in tests.iterrows():
         lines.append(
-            f"| {DISPLAY[row['baseline']]} | {row['n_users']} | {row['n_seeds']} | "
+            f"| {METHOD_DISPLAY[row['baseline']]} | {row['n_users']} | {row['n_seeds']} | "
             f"{row['mean_diff']:+.4f} | [{row['ci_low']:+.4f}, {row['ci_high']:+.4f}] | "
             f"{_p(row['t_p_holm'])} | {_p(row['wilcoxon_p_holm'])} | "
             f"{row['seeds_won']}/{row['n_seeds']} |"
@@ -153,7 +150,7 @@ def draw_noise_table(study: Study, table: pd.DataFrame, dataset: str) -> str:
         users = pd.concat(per_user, axis=1).mean(axis=1)  # one value per user: seed mean
         se = users.std(ddof=1) / math.sqrt(len(users))
         mean, std = (table.loc[(dataset, method), f"dcg@3_{k}"] for k in ("mean", "std"))
-        lines.append(f"| {DISPLAY[method]} | {mean:.3f} | {_f(std)} | {se:.3f} |")
+        lines.append(f"| {METHOD_DISPLAY[method]} | {mean:.3f} | {_f(std)} | {se:.3f} |")
     for ranking in study.references.get(dataset, []):
         name = REFERENCE_DISPLAY[ranking.name]
         lines.append(
@@ -189,9 +186,9 @@ def unexposed_section(study: Study, table: pd.DataFrame, dataset: str) -> list[s
         "\n".join(lines),
         "",
         "Methods by DCG@3, best first: random-exposure test "
-        + ", ".join(DISPLAY[m] for m in order["random"])
+        + ", ".join(METHOD_DISPLAY[m] for m in order["random"])
         + "; unexposed lists "
-        + ", ".join(DISPLAY[m] for m in order["unexposed"])
+        + ", ".join(METHOD_DISPLAY[m] for m in order["unexposed"])
         + f" (Spearman rank correlation {rho:+.2f}).",
         "",
     ]
@@ -214,7 +211,7 @@ def hyper_vs_test(study: Study, dataset: str) -> str:
     for m in methods:
         row = stats_.loc[m]
         lines.append(
-            f"| {DISPLAY[m]} | {row[('hyper', 'mean')]:.3f} ± {_f(row[('hyper', 'std')])} "
+            f"| {METHOD_DISPLAY[m]} | {row[('hyper', 'mean')]:.3f} ± {_f(row[('hyper', 'std')])} "
             f"| {int(hyper_rank[m])} | {row[('dcg@3', 'mean')]:.3f} ± "
             f"{_f(row[('dcg@3', 'std')])} | {int(test_rank[m])} |"
         )
@@ -255,7 +252,7 @@ def pcc_table(study: Study, dataset: str) -> str:
         ]
         last = curve.index.max()
         cells.append(f"{curve.loc[last].mean():.3f} ± {_f(curve.loc[last].std())} ({last})")
-        lines.append(f"| {DISPLAY[method]} | " + " | ".join(cells) + " |")
+        lines.append(f"| {METHOD_DISPLAY[method]} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -331,11 +328,11 @@ def render(study: Study, discussion: str = "") -> str:
     per_dataset = (
         runs.groupby("dataset", sort=False)["wall_seconds"]
         .sum()
-        .reindex([d for d in DATASETS if d in set(runs["dataset"])])
+        .reindex([d for d in study.datasets if d in set(runs["dataset"])])
         / 60
     )
     parts += [
-        "| data set | " + " | ".join(DISPLAY[d] for d in per_dataset.index) + " |",
+        "| data set | " + " | ".join(study.datasets[d].display for d in per_dataset.index) + " |",
         "|---|" + "---|" * len(per_dataset),
         "| run time, all methods and seeds (min) | "
         + " | ".join(f"{v:.1f}" for v in per_dataset)
@@ -346,7 +343,7 @@ def render(study: Study, discussion: str = "") -> str:
         if not any(d == dataset for d, _ in table.index):
             continue
         parts += [
-            f"## Table {number}: {DISPLAY[dataset]}",
+            f"## Table {number}: {study.datasets[dataset].display}",
             "",
             "Mean ± std over seeds (best of the row in bold); under it the paper's value and "
             "(ours − paper) / our std.",
@@ -356,11 +353,16 @@ def render(study: Study, discussion: str = "") -> str:
             ordering_text(table, dataset),
             "",
         ]
-    real = [d for d in REAL_DATASETS if any(x == d for x, _ in table.index)]
+    real = study.of_kind(REAL)
     if real:
         parts += ["## RQ2: the bi-level optimisation against its ablations (Figure 1)", ""]
         for dataset in real:
-            parts += [f"### {DISPLAY[dataset]}", "", metric_table(table, dataset, RQ2_METHODS), ""]
+            parts += [
+                f"### {study.datasets[dataset].display}",
+                "",
+                metric_table(table, dataset, RQ2_METHODS),
+                "",
+            ]
             ubo = (
                 table.loc[(dataset, "ubo"), "dcg@3_mean"]
                 if (dataset, "ubo") in table.index
@@ -368,18 +370,19 @@ def render(study: Study, discussion: str = "") -> str:
             )
             if ubo is not None:
                 gains = [
-                    f"{DISPLAY[m]} {100 * (ubo / table.loc[(dataset, m), 'dcg@3_mean'] - 1):+.1f}%"
+                    f"{METHOD_DISPLAY[m]} "
+                    f"{100 * (ubo / table.loc[(dataset, m), 'dcg@3_mean'] - 1):+.1f}%"
                     for m in RQ2_METHODS[1:]
                     if (dataset, m) in table.index
                 ]
                 parts += [f"UBO's DCG@3 relative to: {', '.join(gains)}.", ""]
         parts += ["![Figure 1](figures/fig1_rq2.png)", ""]
-    semi = [d for d in SEMISYNTHETIC_DATASETS if any(x == d for x, _ in table.index)]
+    semi = study.of_kind(SEMISYNTHETIC)
     if semi:
         parts += ["## Semi-synthetic data (Figure 2)", ""]
         for dataset in semi:
             parts += [
-                f"### {DISPLAY[dataset]}",
+                f"### {study.datasets[dataset].display}",
                 "",
                 metric_table(table, dataset, ALL_METHODS),
                 "",
@@ -399,7 +402,7 @@ def render(study: Study, discussion: str = "") -> str:
             "",
         ]
         for dataset in semi:
-            parts += [f"### {DISPLAY[dataset]}", "", pcc_table(study, dataset), ""]
+            parts += [f"### {study.datasets[dataset].display}", "", pcc_table(study, dataset), ""]
         parts += ["![Figure 3](figures/fig3_pcc.png)", ""]
     parts += [
         "## Paired comparison: UBO against each baseline",
@@ -409,12 +412,12 @@ def render(study: Study, discussion: str = "") -> str:
         "data set; `seeds won`: seeds whose mean DCG@3 favours UBO.",
         "",
     ]
-    for dataset in DATASETS:
+    for dataset in study.datasets:
         baselines = [m for m in ALL_METHODS if m != "ubo"]
         tests = paired_tests(study, dataset, baselines)
         if tests.empty:
             continue
-        parts += [f"### {DISPLAY[dataset]}", "", paired_table(tests), ""]
+        parts += [f"### {study.datasets[dataset].display}", "", paired_table(tests), ""]
     if runs["hyper"].notna().any():
         parts += [
             "## How the hyper-validation objective steers selection",
@@ -427,10 +430,10 @@ def render(study: Study, discussion: str = "") -> str:
             "with it.",
             "",
         ]
-        for dataset in DATASETS:
+        for dataset in study.datasets:
             block = hyper_vs_test(study, dataset)
             if block:
-                parts += [f"### {DISPLAY[dataset]}", "", block, ""]
+                parts += [f"### {study.datasets[dataset].display}", "", block, ""]
     if discussion:
         parts += [discussion.strip(), ""]
     return "\n".join(parts)

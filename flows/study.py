@@ -24,7 +24,7 @@ from mlflow.tracking.context import registry as context_registry
 from flows.run_identity import PARENT_TAG, TAG_REUSED_BY, flatten
 from flows.store import ensure_configured, log_batch, now_ms, quote, search, to_mlflow_key
 from flows.tracked_run import FINAL_METRICS, final_metrics
-from ubo_core.config import DATASETS
+from ubo_core.datasets.registry import BUILTINS
 from ubo_core.methods import METHODS
 
 TAG_ROLE = "ubo.role"
@@ -45,7 +45,7 @@ def _runs_of(experiment_id: str, parent_run_id: str | None) -> list[Run]:
 
 
 def _order(values: Iterable[str], known: Sequence[str]) -> dict[str, tuple[int, str]]:
-    # Paper order for known names (data sets, methods), then the rest alphabetically.
+    # Registry order for known names (built-in data sets, methods), then the rest alphabetically.
     return {v: (known.index(v) if v in known else len(known), v) for v in values}
 
 
@@ -93,7 +93,7 @@ def _aggregate(runs: Iterable[Run]) -> pd.DataFrame:
     runs_table = pd.DataFrame(rows).reindex(columns=["dataset", "method", "seed", *FINAL_METRICS])
     runs_table[list(FINAL_METRICS)] = runs_table[list(FINAL_METRICS)].astype(float)
     table = summarise(runs_table, FINAL_METRICS).reset_index()
-    dataset_rank = _order(table["dataset"], DATASETS)
+    dataset_rank = _order(table["dataset"], list(BUILTINS))
     method_rank = _order(table["method"], list(METHODS))
     table["_order"] = [
         (dataset_rank[d], method_rank[m])

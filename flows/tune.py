@@ -45,7 +45,8 @@ from flows.tune_study import (
     check_overrides,
     format_values,
 )
-from ubo_core.config import DATASETS, Params, load_params
+from ubo_core.config import Params, load_params
+from ubo_core.datasets.registry import BUILTINS
 from ubo_core.errors import UboError
 from ubo_core.methods import METHODS, check_method_params, get_method
 from ubo_core.tuning import (
@@ -57,8 +58,8 @@ from ubo_core.tuning import (
 
 @flow(name="ubo", log_prints=True)
 def tune(
-    datasets: list[str] = list(DATASETS),  # noqa: B006 (Prefect parameters are copied)
-    methods: list[str] = list(METHODS),  # noqa: B006
+    datasets: list[str] | None = None,
+    methods: list[str] = list(METHODS),  # noqa: B006 (Prefect parameters are copied)
     n_trials: int | None = None,
     tracking_uri: str | None = None,
     experiment: str = EXPERIMENT,
@@ -66,13 +67,15 @@ def tune(
     overrides: dict[str, Any] | None = None,
     poll_seconds: float = 5.0,
 ) -> str:
-    """Every (data set, method) study, one child flow run each; returns the tuned block."""
+    """Every (data set, method) study, one child flow run each (by default every data set
+    of params.yaml's catalog); returns the tuned block."""
     logger = get_run_logger()
     repo = repo_root()
     store.configure(tracking_uri, repo)
     params = load_params(repo / "params.yaml")
     check_method_params(params)
     check_tuning(params)
+    datasets = list(params.catalog) if datasets is None else datasets
     for method in methods:
         get_method(method)
     check_overrides(overrides)
@@ -110,7 +113,7 @@ def tune(
             if not s.is_completed()
         ]
         merged, kept = merged_choices(params, latest_choices(experiment_id))
-        block = tuned_block(merged, header=_header(experiment, kept))
+        block = tuned_block(merged, header=_header(experiment, kept), order=params.catalog)
         client.log_text(parent, block, "tuned_defaults.yaml")
     except BaseException:
         client.set_terminated(parent, RunStatus.to_string(RunStatus.FAILED))
@@ -178,7 +181,7 @@ def summary_markdown(experiment_id: str) -> str:
         "| best SNIPS DCG@3 | minutes | minutes per completed trial | chosen |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    for dataset in DATASETS:
+    for dataset in dict.fromkeys([*BUILTINS, *sorted(d for d, _ in studies)]):
         for method in METHODS:
             run = studies.get((dataset, method))
             if run is None:
@@ -240,8 +243,9 @@ def main(argv: list[str] | None = None) -> int:
             print(summary_markdown(store.get_experiment_id(args.experiment, repo)), end="")
             return 0
         target = Path(args.params) if args.params else repo / "params.yaml"
-        merged, kept = merged_choices(load_params(target), chosen)
-        block = tuned_block(merged, header=_header(args.experiment, kept))
+        params = load_params(target)
+        merged, kept = merged_choices(params, chosen)
+        block = tuned_block(merged, header=_header(args.experiment, kept), order=params.catalog)
         if args.command == "show":
             print(block, end="")
             return 0

@@ -21,7 +21,7 @@ from prefect import flow, get_run_logger
 
 from flows import run_identity, store
 from flows.benchmark import repo_root
-from ubo_core.config import DATASETS, Params, load_params
+from ubo_core.config import Params, load_params
 from ubo_core.data import load_processed
 from ubo_core.errors import TrainingDiverged, UboError
 from ubo_core.methods import check_method_params, get_method, resolve_config
@@ -85,7 +85,7 @@ def study_key(
 def untuned_config(params: Params, method: str) -> dict[str, Any]:
     """Every train and method key as it is without tuning: `train`, then `methods.<method>`,
     then the method's own defaults (no `datasets:` layer)."""
-    _, hyper = resolve_config(untuned(params), DATASETS[0], method)
+    _, hyper = resolve_config(untuned(params), next(iter(params.catalog)), method)
     resolved = dataclasses.asdict(params.train) | dataclasses.asdict(hyper)
     return resolved | params.methods.get(method, {})
 

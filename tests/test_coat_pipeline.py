@@ -48,7 +48,7 @@ def coat(tmp_path_factory) -> FeedbackData:
     )
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("UBO_DATA_MIRROR", str(MIRROR))
-        for stage in ("download", "preprocess", "validation"):
+        for stage in ("download", "prepare", "validation"):
             assert main([stage, "coat", "--params", str(params)]) == 0
     return FeedbackData.load(root / "processed" / "coat" / "dataset.npz")
 
@@ -91,6 +91,8 @@ def test_dvc_repro_builds_coat_and_second_repro_does_nothing(tmp_path):
     shutil.copytree(
         REPO / "ubo_core", work / "ubo_core", ignore=shutil.ignore_patterns("__pycache__")
     )
+    (work / "data" / "manual" / "coat").mkdir(parents=True)
+    shutil.copy(REPO / "data/manual/coat/README.md", work / "data/manual/coat/README.md")
     env = os.environ | {
         "UBO_DATA_MIRROR": str(MIRROR),
         "DVC_NO_ANALYTICS": "1",
@@ -115,5 +117,5 @@ def test_dvc_repro_builds_coat_and_second_repro_does_nothing(tmp_path):
     (work / "params.yaml").write_text(params.replace("  seed: 0\n", "  seed: 1\n", 1))
     third = run(*dvc, "repro", "validation@coat")
     assert "Running stage 'validation@coat'" in third
-    assert "Running stage 'preprocess@coat'" not in third
+    assert "Running stage 'prepare@coat'" not in third
     assert "Running stage 'download@coat'" not in third

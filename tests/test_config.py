@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from ubo_core.config import Params, SubsetConfig, TrainConfig, check_dataset, load_params
+from ubo_core.config import CatalogEntry, Params, TrainConfig, check_dataset, load_params
 from ubo_core.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -22,7 +22,8 @@ def test_repository_params_load_and_match_documented_defaults():
     assert params.validation.active_user_fraction == 0.2
     assert params.validation.hyper_fraction == 0.1
     assert params.semisynthetic.relevance_eps == 5.0
-    assert params.semisynthetic.amazon_cds == SubsetConfig(n_items=1000, min_user_interactions=10)
+    assert params.catalog["amazon_cds"] == CatalogEntry(n_items=1000, min_user_interactions=10)
+    assert list(params.catalog) == ["coat", "yahoo", "ml100k", "amazon_cds"]
     assert params.data.processed_dir == Path("data/processed")
     # The paper's training setting (Sec. 3.1): Adam, lr 1e-3, dim 50, batch 1024, 100 epochs.
     assert (params.train.lr, params.train.dim, params.train.batch_size) == (1e-3, 50, 1024)
@@ -61,8 +62,8 @@ def test_empty_file_gives_defaults(tmp_path):
         ("colour: red\n", "colour", "unknown key"),
         ("validation:\n  sead: 1\n", "validation.sead", "unknown key"),
         (
-            "semisynthetic:\n  ml100k:\n    n_itmes: 5\n",
-            "semisynthetic.ml100k.n_itmes",
+            "catalog:\n  ml100k:\n    n_itmes: 5\n",
+            "catalog.ml100k.n_itmes",
             "unknown key",
         ),
         ("validation:\n  seed: zero\n", "validation.seed", "expected an integer"),
@@ -71,9 +72,30 @@ def test_empty_file_gives_defaults(tmp_path):
         ("validation:\n  hyper_fraction: 0\n", "validation.hyper_fraction", "out of range"),
         ("preprocess:\n  positive_threshold: 6\n", "preprocess.positive_threshold", "out of range"),
         (
-            "semisynthetic:\n  amazon_cds:\n    n_items: 1\n",
-            "semisynthetic.amazon_cds.n_items",
+            "catalog:\n  amazon_cds:\n    n_items: 1\n",
+            "catalog.amazon_cds.n_items",
             "out of range",
+        ),
+        ("catalog: {}\n", "catalog", "names no data set"),
+        ("catalog:\n  My-Shop: {train: a.csv}\n", "catalog.My-Shop", "lower-case letters"),
+        ("catalog:\n  shop: {}\n", "catalog.shop", "not a built-in data set"),
+        ("catalog:\n  coat: {train: a.csv}\n", "catalog.coat", "is a built-in data set"),
+        ("catalog:\n  shop: {test: t.csv}\n", "catalog.shop.test", "given without `train`"),
+        ("catalog:\n  shop: {train: ../a.csv}\n", "catalog.shop.train", "inside data/manual"),
+        (
+            "catalog:\n  shop: {train: a.csv, test: t.csv, n_items: 10}\n",
+            "catalog.shop",
+            "a real data set is used whole",
+        ),
+        (
+            "catalog:\n  coat: {}\ndatasets:\n  yahoo: {umf: {epochs: 2}}\n",
+            "datasets.yahoo",
+            "unknown data set; expected one of the catalog's ['coat']",
+        ),
+        (
+            "catalog:\n  coat: {}\ntuning:\n  trials: {ml100k: 3}\n",
+            "tuning.trials.ml100k",
+            "unknown data set",
         ),
         ("data:\n  raw_dir: 3\n", "data.raw_dir", "expected a path"),
         ("validation: [1, 2]\n", "validation", "expected a mapping"),
@@ -97,7 +119,7 @@ def test_missing_and_invalid_yaml(tmp_path):
 
 def test_unknown_dataset_lists_the_valid_ones():
     with pytest.raises(ConfigError, match=r"unknown data set 'movielens'.*coat.*amazon_cds"):
-        check_dataset("movielens")
+        check_dataset("movielens", Params().catalog)
 
 
 def test_errors_survive_pickling():

@@ -14,8 +14,10 @@ from pathlib import Path
 
 import pytest
 
+from ubo_core.config import Params
 from ubo_core.datasets import amazon
 from ubo_core.datasets.download import download_dataset, fetch_source
+from ubo_core.datasets.registry import get_dataset
 from ubo_core.datasets.sources import RawFile, Source
 from ubo_core.errors import DataError
 
@@ -152,7 +154,7 @@ def test_download_yahoo_without_manual_copy_explains_webscope(tmp_path):
     raw, manual = tmp_path / "raw", tmp_path / "manual"
     manual.mkdir()
     with pytest.raises(DataError) as info:
-        download_dataset("yahoo", raw, manual, mirror=None)
+        download_dataset(get_dataset(Params(), "yahoo"), raw, manual, mirror=None)
     message = str(info.value)
     assert message.startswith(f"{manual / 'yahoo'}: missing ")
     assert "ydata-ymusic-rating-study-v1_0-train.txt" in message

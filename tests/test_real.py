@@ -5,16 +5,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ubo_core.datasets.readers import Ratings
-from ubo_core.datasets.real import (
-    COAT_SHAPE,
-    YAHOO_TEST,
-    YAHOO_TRAIN,
-    preprocess_real,
-    read_real,
-    to_feedback,
-)
-from ubo_core.errors import ConfigError, DataError
+from ubo_core.config import Params
+from ubo_core.datasets.readers import Ratings, RealFeedback
+from ubo_core.datasets.real import COAT_SHAPE, YAHOO_TEST, YAHOO_TRAIN, preprocess_real, to_feedback
+from ubo_core.datasets.registry import get_dataset
+from ubo_core.errors import DataError
+
+COAT = get_dataset(Params(), "coat")
+YAHOO = get_dataset(Params(), "yahoo")
 
 
 def ratings(user, item, rating) -> Ratings:
@@ -33,7 +31,7 @@ TEST = ratings([0, 0, 1, 1, 2, 2, 3, 3], [1, 2, 1, 2, 0, 1, 0, 2], [5, 1, 4, 4, 
 
 
 def test_to_feedback_labels_and_evaluated_users(tmp_path):
-    data = to_feedback(TRAIN, TEST, (4, 3), 4, tmp_path)
+    data = to_feedback(RealFeedback(TRAIN, TEST, (4, 3)), 4, tmp_path)
     np.testing.assert_array_equal(data.train_label, [1, 0, 1, 0, 1])
     np.testing.assert_array_equal(data.test_label, [1, 0, 1, 1, 1, 0, 0, 1])
     np.testing.assert_array_equal(data.eval_users, [0, 3])
@@ -53,7 +51,7 @@ def test_to_feedback_labels_and_evaluated_users(tmp_path):
 def test_to_feedback_threshold_5(tmp_path):
     # threshold 5: train labels 1 0 0 0 0 (only the 5); user 0 alone has a training positive,
     # and has test 5 (pos) and 1 (neg) -> eval_users [0]
-    data = to_feedback(TRAIN, TEST, (4, 3), 5, tmp_path)
+    data = to_feedback(RealFeedback(TRAIN, TEST, (4, 3)), 5, tmp_path)
     np.testing.assert_array_equal(data.train_label, [1, 0, 0, 0, 0])
     np.testing.assert_array_equal(data.eval_users, [0])
 
@@ -62,7 +60,7 @@ def test_to_feedback_without_evaluable_user_names_the_folder(tmp_path):
     # user 1 only: test ratings 4 and 4, no test negative
     test = ratings([1, 1], [1, 2], [4, 4])
     with pytest.raises(DataError) as info:
-        to_feedback(TRAIN, test, (4, 3), 4, tmp_path / "coat")
+        to_feedback(RealFeedback(TRAIN, test, (4, 3)), 4, tmp_path / "coat")
     assert str(info.value) == f"{tmp_path / 'coat'}: no user qualifies for evaluation"
 
 
@@ -80,7 +78,7 @@ def test_preprocess_coat_end_to_end(tmp_path):
     test = {(0, 2): 5, (0, 3): 1, (5, 8): 3, (5, 9): 4, (6, 1): 5, (6, 2): 2}
     (folder / "train.ascii").write_text(_matrix_text(COAT_SHAPE, train))
     (folder / "test.ascii").write_text(_matrix_text(COAT_SHAPE, test))
-    data = preprocess_real("coat", folder, positive_threshold=4)
+    data = preprocess_real(COAT, folder, positive_threshold=4)
     # train positives: (0,0) (5,7). Evaluated: 0 (test 5 and 1), 5 (test 3 and 4);
     # user 6 has test 5 and 2 but no training positive.
     np.testing.assert_array_equal(data.eval_users, [0, 5])
@@ -103,7 +101,7 @@ def test_preprocess_yahoo_end_to_end(tmp_path):
     # 1-based ids; user 15400 and item 1000 are the largest valid ones
     (folder / YAHOO_TRAIN).write_text("1\t1\t5\n1\t2\t1\n15400\t1000\t4\n")
     (folder / YAHOO_TEST).write_text("1\t3\t4\n1\t4\t2\n15400\t5\t1\n15400\t6\t5\n2\t1\t5\n")
-    data = preprocess_real("yahoo", folder, positive_threshold=4)
+    data = preprocess_real(YAHOO, folder, positive_threshold=4)
     assert (data.n_users, data.n_items) == (15_400, 1_000)
     # 0-based: user 0 (train pos item 0; test 4 and 2) and user 15399 (train pos; test 1
     # and 5) are evaluated; user 1 has no training positive.
@@ -115,7 +113,7 @@ def test_preprocess_yahoo_end_to_end(tmp_path):
 def test_preprocess_real_missing_folder_names_the_dvc_command(tmp_path):
     folder = tmp_path / "raw" / "coat"
     with pytest.raises(DataError) as info:
-        preprocess_real("coat", folder, 4)
+        preprocess_real(COAT, folder, 4)
     assert str(info.value) == f"{folder}: raw data missing; run `dvc repro download@coat` first"
 
 
@@ -124,13 +122,15 @@ def test_preprocess_real_missing_file_is_named(tmp_path):
     folder.mkdir()
     (folder / "train.ascii").write_text(_matrix_text(COAT_SHAPE, {(0, 0): 5}))
     with pytest.raises(DataError) as info:
-        preprocess_real("coat", folder, 4)
+        preprocess_real(COAT, folder, 4)
     assert str(info.value) == f"{folder / 'test.ascii'}: file not found"
 
 
-@pytest.mark.parametrize("name", ["ml100k", "nope"])
-def test_read_real_unknown_or_semisynthetic_name(tmp_path, name):
-    with pytest.raises(ConfigError) as info:
-        read_real(name, tmp_path)
-    assert info.value.key == "dataset"
-    assert f"unknown data set {name!r}" in str(info.value)
+def test_clicks_are_their_own_label(tmp_path):
+    clicks = Ratings(
+        np.array([0, 1], np.int32),
+        np.array([0, 1], np.int32),
+        np.array([1, 0], np.int8),
+        clicks=True,
+    )
+    np.testing.assert_array_equal(clicks.labels(positive_threshold=4), [1, 0])

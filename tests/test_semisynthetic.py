@@ -9,11 +9,12 @@ import numpy as np
 import pytest
 import torch
 
-from ubo_core.config import SemisyntheticConfig, SubsetConfig
+from ubo_core.config import CatalogEntry, SemisyntheticConfig
 from ubo_core.data import FeedbackData
 from ubo_core.datasets import semisynthetic
+from ubo_core.datasets.registry import BUILTINS, SEMISYNTHETIC, Dataset
 from ubo_core.datasets.semisynthetic import build_semisynthetic, sample_feedback
-from ubo_core.errors import ConfigError, DataError
+from ubo_core.errors import DataError
 
 
 def seeds(seed: int) -> tuple[np.random.SeedSequence, np.random.SeedSequence]:
@@ -114,7 +115,7 @@ def test_sample_feedback_too_many_test_items():
 
 # u.data rows (user, item): item 1 by users 1-8 (8 ratings), item 2 by users 1-6 (6),
 # item 3 by users 1 2 3 7 (4), item 4 by users 4 5 6 8 (4), item 5 by user 8 (1).
-# SubsetConfig(n_items=3, min_user_interactions=2): items 1, 2, 3 (item 3 beats item 4 on the
+# n_items=3, min_user_interactions=2 (SUBSET): items 1, 2, 3 (item 3 beats item 4 on the
 # 4 = 4 tie by lower id); interactions on them: users 1-3 three, users 4-7 two, user 8 one
 # -> user 8 dropped: 7 users x 3 items.
 ML_ROWS = (
@@ -131,9 +132,11 @@ CONFIG = SemisyntheticConfig(
     relevance_eps=EPS,
     fit_dim=2,
     fit_steps=20,
-    ml100k=SubsetConfig(3, 2),
-    amazon_cds=SubsetConfig(3, 2),
 )
+# Both sources keep their 3 most popular items and the users with >= 2 interactions on them.
+SUBSET = CatalogEntry(n_items=3, min_user_interactions=2)
+ML100K = Dataset("ml100k", SEMISYNTHETIC, "ML-100K", SUBSET, BUILTINS["ml100k"].source)
+AMAZON = Dataset("amazon_cds", SEMISYNTHETIC, "Amazon CDs", SUBSET, BUILTINS["amazon_cds"].source)
 
 
 @pytest.fixture(scope="module")
@@ -149,7 +152,7 @@ def ml100k_folder(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def ml100k_built(ml100k_folder) -> tuple[FeedbackData, dict[str, int]]:
-    return build_semisynthetic("ml100k", ml100k_folder, CONFIG)
+    return build_semisynthetic(ML100K, ml100k_folder, CONFIG)
 
 
 @pytest.fixture(scope="module")
@@ -194,7 +197,7 @@ def test_build_ml100k_counts_report_the_truth_means(ml100k_data):
 
 
 def test_build_ml100k_is_deterministic(ml100k_folder, ml100k_data):
-    again, _ = build_semisynthetic("ml100k", ml100k_folder, CONFIG)
+    again, _ = build_semisynthetic(ML100K, ml100k_folder, CONFIG)
     for field in dataclasses.fields(FeedbackData):
         np.testing.assert_array_equal(getattr(again, field.name), getattr(ml100k_data, field.name))
 
@@ -202,7 +205,7 @@ def test_build_ml100k_is_deterministic(ml100k_folder, ml100k_data):
 def test_build_ml100k_exposure_power_raises_m_to_that_power(ml100k_folder, ml100k_data):
     # Same seed, same fits: m(power 2) = sigmoid(s) ** 2 = m(power 1) ** 2 (float32 rounding)
     squared, _ = build_semisynthetic(
-        "ml100k", ml100k_folder, dataclasses.replace(CONFIG, exposure_power=2.0)
+        ML100K, ml100k_folder, dataclasses.replace(CONFIG, exposure_power=2.0)
     )
     np.testing.assert_allclose(
         squared.true_exposure, ml100k_data.true_exposure.astype(np.float64) ** 2, rtol=1e-6
@@ -218,7 +221,7 @@ def test_build_amazon_cds_from_interactions(tmp_path):
     names = {1: "A", 2: "B", 3: "C", 4: "D", 5: "E"}
     rows = "".join(f"u{u}\t{names[i]}\n" for u, i in ML_ROWS)
     (folder / "cds_interactions.tsv").write_text("user\titem\n" + rows)
-    data, source = build_semisynthetic("amazon_cds", folder, CONFIG)
+    data, source = build_semisynthetic(AMAZON, folder, CONFIG)
     assert (data.n_users, data.n_items) == (7, 3)
     assert source == {"source_n_users": 8, "source_n_items": 5, "source_n_interactions": 23}
     # pseudo-ratings are clipped to [1, 5], so the same closed-form range as ML-100K
@@ -226,26 +229,21 @@ def test_build_amazon_cds_from_interactions(tmp_path):
     assert gamma.min() >= sigmoid(1 - EPS) - 1e-6 and gamma.max() <= sigmoid(5 - EPS) + 1e-6
 
 
-@pytest.mark.parametrize("name", ["coat", "nope"])
-def test_build_semisynthetic_unknown_name(tmp_path, name):
-    with pytest.raises(ConfigError) as info:
-        build_semisynthetic(name, tmp_path, CONFIG)
-    assert info.value.key == "dataset"
-    assert f"unknown data set {name!r}" in str(info.value)
-
-
 def test_build_semisynthetic_missing_folder(tmp_path):
     folder = tmp_path / "raw" / "ml100k"
     with pytest.raises(DataError) as info:
-        build_semisynthetic("ml100k", folder, CONFIG)
+        build_semisynthetic(ML100K, folder, CONFIG)
     assert str(info.value) == f"{folder}: raw data missing; run `dvc repro download@ml100k` first"
 
 
 def test_build_semisynthetic_subset_that_keeps_no_interaction(ml100k_folder):
     # min_user_interactions 4 > 3, the most any user has on the 3 kept items
-    config = dataclasses.replace(CONFIG, ml100k=SubsetConfig(3, 4))
-    with pytest.raises(DataError, match="keeps no interaction"):
-        build_semisynthetic("ml100k", ml100k_folder, config)
+    dataset = dataclasses.replace(ML100K, entry=CatalogEntry(n_items=3, min_user_interactions=4))
+    with pytest.raises(DataError) as info:
+        build_semisynthetic(dataset, ml100k_folder, CONFIG)
+    assert str(info.value) == (
+        "params.yaml catalog.ml100k: n_items 3 and min_user_interactions 4 keep no interaction"
+    )
 
 
 def _fixed_fits(monkeypatch, calls: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -273,7 +271,7 @@ def test_build_ml100k_truth_is_the_closed_form_of_the_fits(ml100k_folder, monkey
     calls: dict = {}
     r_hat, logit, _ = _fixed_fits(monkeypatch, calls)
     config = dataclasses.replace(CONFIG, exposure_power=1.5, generator="fitted")
-    data, _ = build_semisynthetic("ml100k", ml100k_folder, config)
+    data, _ = build_semisynthetic(ML100K, ml100k_folder, config)
     # gamma = sigmoid(clip(r_hat, 1, 5) - eps); m = sigmoid(logit) ** power
     expected_gamma = 1 / (1 + np.exp(-(np.clip(r_hat, 1, 5) - EPS)))
     expected_m = (1 / (1 + np.exp(-logit))) ** 1.5
@@ -303,9 +301,7 @@ def test_build_amazon_truth_is_the_closed_form_of_the_fit(tmp_path, monkeypatch)
     names = {1: "A", 2: "B", 3: "C", 4: "D", 5: "E"}
     rows = "".join(f"u{u}\t{names[i]}\n" for u, i in ML_ROWS)
     (folder / "cds_interactions.tsv").write_text("user\titem\n" + rows)
-    data, _ = build_semisynthetic(
-        "amazon_cds", folder, dataclasses.replace(CONFIG, generator="fitted")
-    )
+    data, _ = build_semisynthetic(AMAZON, folder, dataclasses.replace(CONFIG, generator="fitted"))
     # z = standardised p.q; r = clip(3.53 + 1.13 z, 1, 5); gamma = sigmoid(r - eps)
     z = (preference - preference.mean()) / preference.std()
     pseudo = np.clip(3.53 + 1.13 * z, 1.0, 5.0)
@@ -338,7 +334,7 @@ def test_reference_generator_truth_is_the_closed_form_of_its_fits(ml100k_folder,
     r_hat, logit = _fixed_reference_fits(monkeypatch, calls)
     assert CONFIG.generator == "reference"
     data, _ = build_semisynthetic(
-        "ml100k", ml100k_folder, dataclasses.replace(CONFIG, exposure_power=2.0)
+        ML100K, ml100k_folder, dataclasses.replace(CONFIG, exposure_power=2.0)
     )
     gamma = 1 / (1 + np.exp(-(np.clip(r_hat, 1, 5) - EPS)))
     np.testing.assert_array_equal(data.true_relevance, gamma.astype(np.float32))
@@ -361,7 +357,7 @@ def test_reference_generator_on_amazon_takes_exposure_from_the_reference_fit(tmp
     folder.mkdir()
     rows = "".join(f"u{u}\t{'ABCDE'[i - 1]}\n" for u, i in ML_ROWS)
     (folder / "cds_interactions.tsv").write_text("user\titem\n" + rows)
-    data, _ = build_semisynthetic("amazon_cds", folder, CONFIG)
+    data, _ = build_semisynthetic(AMAZON, folder, CONFIG)
     np.testing.assert_allclose(
         data.true_exposure, (1 / (1 + np.exp(-logit))).astype(np.float32), rtol=1e-6
     )

@@ -38,7 +38,7 @@ def write_fake_coat(folder: Path, seed: int = 0) -> None:
 def test_preprocess_then_validation_writes_dataset_and_summary(tmp_path, capsys):
     params = make_params(tmp_path)
     write_fake_coat(tmp_path / "raw" / "coat")
-    assert main(["preprocess", "coat", "--params", str(params)]) == 0
+    assert main(["prepare", "coat", "--params", str(params)]) == 0
     assert main(["validation", "coat", "--params", str(params)]) == 0
     data = FeedbackData.load(tmp_path / "processed" / "coat" / "dataset.npz")
     # 24 training ratings per user; n_train_ratings in the summary is the source's count.
@@ -64,7 +64,7 @@ def test_malformed_row_stops_with_file_and_line_and_writes_nothing(tmp_path, cap
     lines = train.read_text().splitlines()
     lines[4] = lines[4].replace("0", "x", 1)
     train.write_text("\n".join(lines) + "\n")
-    assert main(["preprocess", "coat", "--params", str(params)]) == 1
+    assert main(["prepare", "coat", "--params", str(params)]) == 1
     err = capsys.readouterr().err
     assert err.startswith(f"error: {train}: line 5: non-integer")
     assert err.count("\n") == 1  # one line, no traceback
@@ -74,11 +74,9 @@ def test_malformed_row_stops_with_file_and_line_and_writes_nothing(tmp_path, cap
 @pytest.mark.parametrize(
     ("argv", "expected"),
     [
-        (["preprocess", "movielens"], "unknown data set 'movielens'"),
-        (["preprocess", "ml100k"], "unknown data set 'ml100k'; expected one of ['coat', 'yahoo']"),
-        (["semisynthetic", "coat"], "expected one of ['ml100k', 'amazon_cds']"),
-        (["validation", "coat"], "not found; run `dvc repro preprocess@coat` first"),
-        (["preprocess", "coat"], "raw data missing; run `dvc repro download@coat` first"),
+        (["prepare", "movielens"], "unknown data set 'movielens'; expected one of ['coat', "),
+        (["validation", "coat"], "not found; run `dvc repro prepare@coat` first"),
+        (["prepare", "coat"], "raw data missing; run `dvc repro download@coat` first"),
     ],
 )
 def test_bad_invocations_exit_1_with_one_clear_line(tmp_path, capsys, argv, expected):

@@ -7,6 +7,7 @@ values raise `ConfigError` naming the dotted key. Nothing else in `ubo_core` rea
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from collections.abc import Iterable
@@ -20,15 +21,15 @@ from ubo_core.errors import ConfigError
 
 T = TypeVar("T")
 
-DATASETS: tuple[str, ...] = ("coat", "yahoo", "ml100k", "amazon_cds")
-REAL_DATASETS: tuple[str, ...] = ("coat", "yahoo")
-SEMISYNTHETIC_DATASETS: tuple[str, ...] = ("ml100k", "amazon_cds")
+# A data set's name is a folder name and part of DVC's stage names (download@<name>).
+DATASET_NAME = re.compile(r"[a-z][a-z0-9_]*")
 
 
-def check_dataset(name: str, allowed: tuple[str, ...] = DATASETS) -> str:
-    """Return `name` if it is a known data set of the given kind, else raise ConfigError."""
+def check_dataset(name: str, allowed: Iterable[str]) -> str:
+    """Return `name` if it is one of `allowed` (params.yaml's catalog), else ConfigError."""
+    allowed = list(allowed)
     if name not in allowed:
-        raise ConfigError("dataset", f"unknown data set {name!r}; expected one of {list(allowed)}")
+        raise ConfigError("dataset", f"unknown data set {name!r}; expected one of {allowed}")
     return name
 
 
@@ -78,15 +79,42 @@ class ValidationConfig:
 
 
 @dataclass(frozen=True)
-class SubsetConfig:
-    """Which part of a semi-synthetic source is kept (so dense training stays minutes)."""
+class CatalogEntry:
+    """One data set the pipeline builds: params.yaml `catalog.<name>` (docs/EXTENDING.md).
 
-    n_items: int = 1000
+    A built-in name (ubo_core/datasets/registry.py: coat, yahoo, ml100k, amazon_cds) needs
+    no file keys. Your own data names its CSV files in `data/manual/<name>/`: `train`
+    (required) and `test`, a random-exposure test (then it is evaluated like Yahoo and Coat;
+    without one, the semi-synthetic route builds the ground truth from `train`, like ML-100K).
+    `n_items` and `min_user_interactions` pick the part of a semi-synthetic source that is
+    kept (0 = every item), so dense training stays minutes.
+    """
+
+    display: str = ""  # the report's name for it; default: the built-in's, else the name
+    train: str = ""
+    test: str = ""
+    n_items: int = 0
     min_user_interactions: int = 1
 
     def __post_init__(self) -> None:
-        _check_range("n_items", self.n_items, 2, 10**7)
-        _check_range("min_user_interactions", self.min_user_interactions, 1, 10**7)
+        if self.n_items:
+            _check_range("n_items", self.n_items, 2, 10**9)
+        _check_range("min_user_interactions", self.min_user_interactions, 1, 10**9)
+        for key in ("train", "test"):
+            name = getattr(self, key)
+            if name and (Path(name).is_absolute() or ".." in Path(name).parts):
+                raise ConfigError(key, f"{name!r}: a file name inside data/manual/<name>/")
+        if self.test and not self.train:
+            raise ConfigError("test", "given without `train`")
+
+
+def default_catalog() -> dict[str, CatalogEntry]:
+    return {
+        "coat": CatalogEntry(),
+        "yahoo": CatalogEntry(),
+        "ml100k": CatalogEntry(n_items=1682, min_user_interactions=1),
+        "amazon_cds": CatalogEntry(n_items=1000, min_user_interactions=10),
+    }
 
 
 SEMISYNTHETIC_GENERATORS: tuple[str, ...] = ("reference", "fitted")
@@ -120,8 +148,6 @@ class SemisyntheticConfig:
     reference_batch_size: int = 256
     fit_lr: float = 0.05
     fit_weight_decay: float = 1e-4
-    ml100k: SubsetConfig = field(default_factory=lambda: SubsetConfig(1682, 1))
-    amazon_cds: SubsetConfig = field(default_factory=lambda: SubsetConfig(1000, 10))
 
     def __post_init__(self) -> None:
         _check_range("semisynthetic.n_test_items", self.n_test_items, 2, 10**6)
@@ -136,10 +162,6 @@ class SemisyntheticConfig:
         _check_range("semisynthetic.reference_lr", self.reference_lr, 0.0, 10.0, True)
         _check_range("semisynthetic.reference_batch_size", self.reference_batch_size, 1, 10**7)
         check_choice("semisynthetic.generator", self.generator, SEMISYNTHETIC_GENERATORS)
-
-    def subset(self, dataset: str) -> SubsetConfig:
-        check_dataset(dataset, SEMISYNTHETIC_DATASETS)
-        return getattr(self, dataset)
 
 
 TRAIN_MODES: tuple[str, ...] = ("paper", "dense")
@@ -225,10 +247,6 @@ class TuningConfig:
 
     def __post_init__(self) -> None:
         for dataset, count in self.trials.items():
-            if dataset not in DATASETS:
-                raise ConfigError(
-                    f"trials.{dataset}", f"unknown data set; expected one of {list(DATASETS)}"
-                )
             _check_range(f"trials.{dataset}", count, 1, 10**6)
         _check_range("startup_trials", self.startup_trials, 1, 10**6)
         _check_range("prune_after_epochs", self.prune_after_epochs, 1, 10**6)
@@ -238,9 +256,11 @@ class TuningConfig:
 class Params:
     """The whole of `params.yaml`.
 
-    `methods` (per method) and `datasets` (per data set, per method) hold overrides of `train`
-    keys and each method's own knobs; they are checked against the method registry when the
-    file is loaded, and resolved by `ubo_core.methods.resolve_config`.
+    `catalog` names the data sets the pipeline builds (dvc.yaml's stages loop over it; the
+    data-set registry, ubo_core/datasets/registry.py, says what each is). `methods` (per
+    method) and `datasets` (per data set, per method) hold overrides of `train` keys and
+    each method's own knobs; they are checked against the method registry when the file is
+    loaded, and resolved by `ubo_core.methods.resolve_config`.
     """
 
     data: DataPaths = field(default_factory=DataPaths)
@@ -251,6 +271,23 @@ class Params:
     methods: dict[str, dict[str, Any]] = field(default_factory=dict)
     tuning: TuningConfig = field(default_factory=TuningConfig)
     datasets: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
+    catalog: dict[str, CatalogEntry] = field(default_factory=default_catalog)
+
+    def __post_init__(self) -> None:
+        if not self.catalog:
+            raise ConfigError("catalog", "names no data set")
+        for name in self.catalog:
+            if not DATASET_NAME.fullmatch(name):
+                raise ConfigError(
+                    f"catalog.{name}", "a data set name is lower-case letters, digits and _"
+                )
+        for where, names in (("datasets", self.datasets), ("tuning.trials", self.tuning.trials)):
+            for name in names:
+                if name not in self.catalog:
+                    raise ConfigError(
+                        f"{where}.{name}",
+                        f"unknown data set; expected one of the catalog's {list(self.catalog)}",
+                    )
 
 
 def load_params(path: str | Path = "params.yaml") -> Params:
@@ -262,10 +299,15 @@ def load_params(path: str | Path = "params.yaml") -> Params:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as error:
         raise ConfigError("(file)", f"not valid YAML ({error})", source=path) from error
+    # The registry checks the catalog's names against its built-ins (it imports this module).
+    from ubo_core.datasets.registry import check_catalog
+
     try:
-        return build(Params, raw if raw is not None else {}, "")
+        params = build(Params, raw if raw is not None else {}, "")
+        check_catalog(params)
     except ConfigError as error:
         raise ConfigError(error.key, str(error).split(": ", 2)[-1], source=path) from None
+    return params
 
 
 def build(cls: type[T], raw: Any, prefix: str) -> T:

@@ -2,10 +2,11 @@
 function, write outputs atomically).
 
     python -m ubo_core.stages download <dataset>
-    python -m ubo_core.stages preprocess <coat|yahoo>
-    python -m ubo_core.stages semisynthetic <ml100k|amazon_cds>
+    python -m ubo_core.stages prepare <dataset>      # real: preprocess; else: semi-synthetic
     python -m ubo_core.stages validation <dataset>
     python -m ubo_core.stages summary [<dataset> ...]
+
+<dataset> is a name of params.yaml's catalog (ubo_core/datasets/registry.py says what each is).
 
 Any UboError (bad params.yaml, missing or corrupt file, malformed row, empty split) ends the
 command with one line on stderr naming the file or key, and exit status 1.
@@ -19,16 +20,10 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from ubo_core.config import (
-    DATASETS,
-    REAL_DATASETS,
-    SEMISYNTHETIC_DATASETS,
-    Params,
-    check_dataset,
-    load_params,
-)
+from ubo_core.config import Params, load_params
 from ubo_core.data import DATASET_FILE, FeedbackData
 from ubo_core.datasets.download import MIRROR_ENV, download_dataset
+from ubo_core.datasets.registry import REAL, get_dataset
 from ubo_core.errors import DataError, UboError
 from ubo_core.fileio import read_json, write_json
 
@@ -54,36 +49,44 @@ SUMMARY_COLUMNS = (
 
 def run_download(params: Params, name: str) -> None:
     mirror = os.environ.get(MIRROR_ENV) or None
+    dataset = get_dataset(params, name)
     target = download_dataset(
-        name, params.data.raw_dir, params.data.manual_dir, Path(mirror) if mirror else None
+        dataset, params.data.raw_dir, params.data.manual_dir, Path(mirror) if mirror else None
     )
-    print(f"download {name}: {target} ({'mirror ' + mirror if mirror else 'official source'})")
+    origin = (
+        f"your files in {params.data.manual_dir / name}"
+        if dataset.source is None
+        else f"mirror {mirror}"
+        if mirror
+        else "official source"
+    )
+    print(f"download {name}: {target} ({origin})")
 
 
-def run_preprocess(params: Params, name: str) -> None:
-    from ubo_core.datasets.real import preprocess_real
+def run_prepare(params: Params, name: str) -> None:
+    """A real data set is preprocessed into implicit feedback; a semi-synthetic one gets its
+    ground truth generated."""
+    dataset = get_dataset(params, name)
+    raw_folder = params.data.raw_dir / name
+    if dataset.kind == REAL:
+        from ubo_core.datasets.real import preprocess_real
 
-    check_dataset(name, REAL_DATASETS)
-    data = preprocess_real(name, params.data.raw_dir / name, params.preprocess.positive_threshold)
-    _write_dataset(data, params.data.interim_dir / name)
+        data = preprocess_real(dataset, raw_folder, params.preprocess.positive_threshold)
+        _write_dataset(data, params.data.interim_dir / name)
+    else:
+        from ubo_core.datasets.semisynthetic import build_semisynthetic
 
-
-def run_semisynthetic(params: Params, name: str) -> None:
-    from ubo_core.datasets.semisynthetic import build_semisynthetic
-
-    check_dataset(name, SEMISYNTHETIC_DATASETS)
-    data, source = build_semisynthetic(name, params.data.raw_dir / name, params.semisynthetic)
-    _write_dataset(data, params.data.interim_dir / name, data.counts() | source)
+        data, source = build_semisynthetic(dataset, raw_folder, params.semisynthetic)
+        _write_dataset(data, params.data.interim_dir / name, data.counts() | source)
 
 
 def run_validation(params: Params, name: str) -> None:
     from ubo_core.datasets.validation import build_validation_sets
 
-    check_dataset(name)
+    get_dataset(params, name)
     source = params.data.interim_dir / name / DATASET_FILE
     if not source.is_file():
-        stage = "preprocess" if name in REAL_DATASETS else "semisynthetic"
-        raise DataError(source, f"not found; run `dvc repro {stage}@{name}` first")
+        raise DataError(source, f"not found; run `dvc repro prepare@{name}` first")
     before = FeedbackData.load(source)
     after = build_validation_sets(before, params.validation)
     # Keep the input's summary (training counts as users know them from the data set's
@@ -123,7 +126,7 @@ def summary_table(params: Params, names: Sequence[str]) -> str:
     """Each processed data set's summary.json side by side: one row per count."""
     columns = {}
     for name in names:
-        path = params.data.processed_dir / check_dataset(name) / SUMMARY_FILE
+        path = params.data.processed_dir / get_dataset(params, name).name / SUMMARY_FILE
         columns[name] = read_json(path) if path.is_file() else {}
     rows = [["", *columns]]
     rows += [
@@ -153,8 +156,7 @@ def _cell(value: object) -> str:
 
 STAGES = {
     "download": run_download,
-    "preprocess": run_preprocess,
-    "semisynthetic": run_semisynthetic,
+    "prepare": run_prepare,
     "validation": run_validation,
 }
 
@@ -164,13 +166,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         prog="python -m ubo_core.stages", description=__doc__.split("\n")[0]
     )
     parser.add_argument("stage", choices=[*STAGES, "summary"])
-    parser.add_argument("datasets", nargs="*", help=f"data set names: {', '.join(DATASETS)}")
+    parser.add_argument("datasets", nargs="*", help="names from params.yaml's catalog")
     parser.add_argument("--params", default="params.yaml", help="path to params.yaml")
     args = parser.parse_args(argv)
     try:
         params = load_params(args.params)
         if args.stage == "summary":
-            print(summary_table(params, args.datasets or DATASETS))
+            print(summary_table(params, args.datasets or list(params.catalog)))
             return 0
         if len(args.datasets) != 1:
             parser.error(f"stage {args.stage} takes exactly one data set")

@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from ubo_core.config import DATASETS, load_params
+from ubo_core.config import load_params
 from ubo_core.data import load_processed
 from ubo_core.errors import ConfigError, UboError
 from ubo_core.methods import METHODS, check_method_params, resolve_config
@@ -50,7 +50,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m ubo_core.train", description=__doc__.split("\n")[0]
     )
-    parser.add_argument("--dataset", required=True, help=f"one of {', '.join(DATASETS)}")
+    parser.add_argument("--dataset", required=True, help="a name of params.yaml's catalog")
     parser.add_argument("--method", required=True, help=f"one of {', '.join(METHODS)}")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(

@@ -16,14 +16,14 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from ubo_core.config import DATASETS, ConfigError, Params, load_params
+from ubo_core.config import ConfigError, Params, load_params
 from ubo_core.data import FeedbackData
 from ubo_core.fileio import atomic_path
 from ubo_core.methods import METHODS, check_method_params, get_method, resolve_config
@@ -85,7 +85,7 @@ def knobs(params: Params, method: str) -> list[Knob]:
         # Both ends (or every choice) must be a valid configuration of this method.
         for value in knob.choices or (knob.low, knob.high):
             try:
-                resolve_config(params, DATASETS[0], method, {name: value})
+                resolve_config(params, next(iter(params.catalog)), method, {name: value})
             except ConfigError as error:
                 raise ConfigError(key, f"not a valid value range: {error}") from None
     return result
@@ -153,15 +153,18 @@ def run_trial(
     return TrialOutcome(best_value, best_epoch, curve, result.seconds)
 
 
-def tuned_block(chosen: Mapping[str, Mapping[str, Mapping[str, Any]]], header: str) -> str:
-    """The `datasets:` section of params.yaml holding `chosen[dataset][method] = values`."""
+def tuned_block(
+    chosen: Mapping[str, Mapping[str, Mapping[str, Any]]], header: str, order: Iterable[str] = ()
+) -> str:
+    """The `datasets:` section of params.yaml holding `chosen[dataset][method] = values`;
+    data sets in `order` (the catalog's) first, methods in the registry's order."""
     ordered = {
         dataset: {
             method: {key: _plain(value) for key, value in sorted(chosen[dataset][method].items())}
             for method in METHODS
             if method in chosen[dataset]
         }
-        for dataset in DATASETS
+        for dataset in dict.fromkeys([*order, *chosen])
         if dataset in chosen
     }
     body = yaml.safe_dump({"datasets": ordered}, sort_keys=False, default_flow_style=None)

@@ -1,9 +1,11 @@
 """The download stage: bring a data set's raw files into `data/raw/<name>/`, checked.
 
-Order of sources: the local mirror (`UBO_DATA_MIRROR`, laid out `<name>/<file>`) when set,
-which is how offline machines work; for licensed Yahoo! R3, the hand-placed copy in the
-manual folder; otherwise the official archive over the network. Every file is checked
-against its recorded sha256 before the output folder is renamed into place.
+Your own CSV data (params.yaml's catalog) is copied from `data/manual/<name>/`. For the
+built-ins, the order of sources: the local mirror (`UBO_DATA_MIRROR`, laid out
+`<name>/<file>`) when set, which is how offline machines work; for licensed Yahoo! R3, the
+hand-placed copy in the manual folder; otherwise the official archive over the network.
+Every file is checked against its recorded sha256 before the output folder is renamed into
+place.
 """
 
 from __future__ import annotations
@@ -13,29 +15,46 @@ import urllib.error
 import urllib.request
 import zipfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tqdm import tqdm
 
 from ubo_core.datasets import amazon
-from ubo_core.datasets.sources import (
-    AMAZON_RATINGS_URL,
-    AMAZON_REVIEWS_5CORE_URL,
-    Source,
-    get_source,
-)
+from ubo_core.datasets.sources import AMAZON_RATINGS_URL, AMAZON_REVIEWS_5CORE_URL, Source
 from ubo_core.errors import DataError
 from ubo_core.fileio import atomic_path, sha256_file
+
+if TYPE_CHECKING:
+    from ubo_core.datasets.registry import Dataset
 
 MIRROR_ENV = "UBO_DATA_MIRROR"
 
 
 def download_dataset(
-    name: str, raw_dir: Path, manual_dir: Path, mirror: Path | None = None
+    dataset: Dataset, raw_dir: Path, manual_dir: Path, mirror: Path | None = None
 ) -> Path:
-    """Fill `raw_dir/name` with the checked raw files of data set `name`; return that path."""
-    target = Path(raw_dir) / name
-    fetch_source(get_source(name), target, Path(manual_dir) / name, mirror)
+    """Fill `raw_dir/<name>` with the checked raw files of `dataset`; return that path.
+    Your own data's files are copied from `manual_dir/<name>/` (checked when read)."""
+    target = Path(raw_dir) / dataset.name
+    manual_folder = Path(manual_dir) / dataset.name
+    if dataset.source is None:
+        copy_own_files(dataset.files, manual_folder, target)
+    else:
+        fetch_source(dataset.source, target, manual_folder, mirror)
     return target
+
+
+def copy_own_files(files: tuple[str, ...], folder: Path, target: Path) -> None:
+    """Copy your own data's files into `target`, which appears only if all are there."""
+    with atomic_path(target) as staging:
+        staging.mkdir(parents=True)
+        for name in files:
+            origin = folder / name
+            if not origin.is_file():
+                raise DataError(origin, "file not found (params.yaml's catalog names it)")
+            destination = staging / name
+            destination.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(origin, destination)
 
 
 def fetch_source(source: Source, target: Path, manual_folder: Path, mirror: Path | None) -> None:

@@ -15,11 +15,40 @@ MIN_RATING, MAX_RATING = 1, 5
 
 @dataclass(frozen=True)
 class Ratings:
-    """Explicit ratings as 0-based (user, item, rating) triples, (n,) arrays."""
+    """Explicit ratings as 0-based (user, item, rating) triples, (n,) arrays; with `clicks`,
+    `rating` is a 0/1 click (your own CSV data's `click` column) and is the label itself."""
 
     user: np.ndarray
     item: np.ndarray
     rating: np.ndarray
+    clicks: bool = False
+
+    def labels(self, positive_threshold: int) -> np.ndarray:
+        """1 for a positive (rating >= threshold, or a click), else 0; int8."""
+        positive = self.rating == 1 if self.clicks else self.rating >= positive_threshold
+        return positive.astype(np.int8)
+
+
+@dataclass(frozen=True)
+class RealFeedback:
+    """What a real data set's raw files hold: training feedback, a random-exposure test set
+    and the (n_users, n_items) id space both index."""
+
+    train: Ratings
+    test: Ratings
+    shape: tuple[int, int]
+
+
+@dataclass(frozen=True)
+class Interactions:
+    """A semi-synthetic source: 0-based (user, item) pairs with ratings 1..5 (ML-100K: the
+    relevance is fitted to them) or without (Amazon CDs: interactions only). `shape` bounds
+    the ids (the ids need not all occur)."""
+
+    user: np.ndarray
+    item: np.ndarray
+    rating: np.ndarray | None
+    shape: tuple[int, int]
 
 
 def read_rating_matrix(path: Path, shape: tuple[int, int]) -> Ratings:
@@ -97,7 +126,7 @@ def read_rating_table(
             path,
             f"line {line_of[row]}: rating {rating[row]} out of range {MIN_RATING}..{MAX_RATING}",
         )
-    _check_duplicates(path, user, item, n_items, line_of)
+    check_duplicates(path, user, item, n_items, line_of)
     if user.size == 0:
         raise DataError(path, "no ratings")
     return Ratings(user.astype(np.int32), item.astype(np.int32), rating.astype(np.int8))
@@ -132,7 +161,7 @@ def read_interactions(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, n
         raise DataError(path, f"line {int(np.flatnonzero(empty.to_numpy())[0]) + 2}: empty id")
     user_names, user = np.unique(table["user"].to_numpy(), return_inverse=True)
     item_names, item = np.unique(table["item"].to_numpy(), return_inverse=True)
-    _check_duplicates(path, user, item, item_names.size, np.arange(user.size) + 2)
+    check_duplicates(path, user, item, item_names.size, np.arange(user.size) + 2)
     if user.size == 0:
         raise DataError(path, "no interactions")
     return user.astype(np.int32), item.astype(np.int32), user_names, item_names
@@ -150,7 +179,7 @@ def _check_range(
         )
 
 
-def _check_duplicates(
+def check_duplicates(
     path: Path, user: np.ndarray, item: np.ndarray, n_items: int, line_of: np.ndarray
 ) -> None:
     keys = user.astype(np.int64) * n_items + item

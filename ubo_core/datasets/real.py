@@ -8,13 +8,14 @@ random-exposure ratings, evaluated for the users `evaluable_users` selects.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import numpy as np
-
-from ubo_core.config import REAL_DATASETS, check_dataset
 from ubo_core.data import FeedbackData, evaluable_users
-from ubo_core.datasets.readers import Ratings, read_rating_matrix, read_rating_table
+from ubo_core.datasets.readers import RealFeedback, read_rating_matrix, read_rating_table
 from ubo_core.errors import DataError
+
+if TYPE_CHECKING:
+    from ubo_core.datasets.registry import Dataset
 
 COAT_SHAPE = (290, 300)
 YAHOO_SHAPE = (15_400, 1_000)
@@ -22,27 +23,27 @@ YAHOO_TRAIN = "ydata-ymusic-rating-study-v1_0-train.txt"
 YAHOO_TEST = "ydata-ymusic-rating-study-v1_0-test.txt"
 
 
-def read_real(name: str, folder: Path) -> tuple[Ratings, Ratings, tuple[int, int]]:
-    """(train ratings, test ratings, (n_users, n_items)) of a real data set's raw folder."""
-    check_dataset(name, REAL_DATASETS)
-    if name == "coat":
-        shape = COAT_SHAPE
-        train = read_rating_matrix(folder / "train.ascii", shape)
-        test = read_rating_matrix(folder / "test.ascii", shape)
-    else:
-        shape = YAHOO_SHAPE
-        train = read_rating_table(folder / YAHOO_TRAIN, *shape)
-        test = read_rating_table(folder / YAHOO_TEST, *shape)
-    return train, test, shape
+def read_coat(folder: Path) -> RealFeedback:
+    """Coat's dense rating matrices (train.ascii, test.ascii)."""
+    train = read_rating_matrix(folder / "train.ascii", COAT_SHAPE)
+    test = read_rating_matrix(folder / "test.ascii", COAT_SHAPE)
+    return RealFeedback(train, test, COAT_SHAPE)
 
 
-def to_feedback(
-    train: Ratings, test: Ratings, shape: tuple[int, int], positive_threshold: int, where: Path
-) -> FeedbackData:
-    """Binarise ratings (>= threshold is positive) and select the evaluated users."""
-    n_users, n_items = shape
-    train_label = (train.rating >= positive_threshold).astype(np.int8)
-    test_label = (test.rating >= positive_threshold).astype(np.int8)
+def read_yahoo(folder: Path) -> RealFeedback:
+    """Yahoo! R3's user-selected (train) and random (test) rating tables."""
+    train = read_rating_table(folder / YAHOO_TRAIN, *YAHOO_SHAPE)
+    test = read_rating_table(folder / YAHOO_TEST, *YAHOO_SHAPE)
+    return RealFeedback(train, test, YAHOO_SHAPE)
+
+
+def to_feedback(raw: RealFeedback, positive_threshold: int, where: Path) -> FeedbackData:
+    """Binarise ratings (>= threshold is positive; a click is its own label) and select the
+    evaluated users."""
+    n_users, n_items = raw.shape
+    train, test = raw.train, raw.test
+    train_label = train.labels(positive_threshold)
+    test_label = test.labels(positive_threshold)
     data = FeedbackData(
         n_users=n_users,
         n_items=n_items,
@@ -58,9 +59,12 @@ def to_feedback(
     return data
 
 
-def preprocess_real(name: str, raw_folder: Path, positive_threshold: int) -> FeedbackData:
-    """The preprocess stage's science: raw folder -> checked implicit feedback."""
+def preprocess_real(dataset: Dataset, raw_folder: Path, positive_threshold: int) -> FeedbackData:
+    """The prepare stage's science for a real data set: raw folder -> checked feedback."""
     if not raw_folder.is_dir():
-        raise DataError(raw_folder, f"raw data missing; run `dvc repro download@{name}` first")
-    train, test, shape = read_real(name, raw_folder)
-    return to_feedback(train, test, shape, positive_threshold, raw_folder)
+        raise DataError(
+            raw_folder, f"raw data missing; run `dvc repro download@{dataset.name}` first"
+        )
+    raw = dataset.read(raw_folder)
+    assert isinstance(raw, RealFeedback), dataset
+    return to_feedback(raw, positive_threshold, raw_folder)

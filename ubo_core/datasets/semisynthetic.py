@@ -1,7 +1,9 @@
-"""Semi-synthetic data sets with known relevance gamma and exposure m (ML-100K, Amazon CDs).
+"""Semi-synthetic data sets with known relevance gamma and exposure m (ML-100K, Amazon CDs,
+and your own CSV data without a test file: with a `rating` column it takes ML-100K's route,
+without one Amazon's).
 
 Saito et al. 2020's recipe (PAPER.md "Data protocol"), on a popularity subset that trains in
-minutes (`SubsetConfig`):
+minutes (params.yaml `catalog.<name>`: `n_items`, `min_user_interactions`):
 1. Ground truth fitted to the real data. ML-100K: an MF fitted to the star ratings gives r_hat,
    gamma = sigmoid(clip(r_hat, 1, 5) - eps); a logistic MF fitted to the rated/unrated
    indicator gives the exposure score s, m = sigmoid(s) ** power.
@@ -39,14 +41,18 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
-from ubo_core.config import SEMISYNTHETIC_DATASETS, SemisyntheticConfig, SubsetConfig, check_dataset
+from ubo_core.config import CatalogEntry, SemisyntheticConfig
 from ubo_core.data import FeedbackData, evaluable_users
-from ubo_core.datasets.readers import read_interactions, read_rating_table
+from ubo_core.datasets.readers import Interactions, read_interactions, read_rating_table
 from ubo_core.errors import DataError
+
+if TYPE_CHECKING:
+    from ubo_core.datasets.registry import Dataset
 
 ML100K_SHAPE = (943, 1_682)
 # ML-100K's rating mean and standard deviation, used to give Amazon's pseudo-ratings the
@@ -55,27 +61,46 @@ PSEUDO_RATING_MEAN = 3.53
 PSEUDO_RATING_STD = 1.13
 
 
+def read_ml100k(folder: Path) -> Interactions:
+    """ML-100K's ratings (u.data: user, item, rating, timestamp; 1-based ids)."""
+    ratings = read_rating_table(folder / "u.data", *ML100K_SHAPE, n_columns=4)
+    return Interactions(ratings.user, ratings.item, ratings.rating, ML100K_SHAPE)
+
+
+def read_amazon_cds(folder: Path) -> Interactions:
+    """The Amazon CDs subset's interactions (cds_interactions.tsv; no ratings)."""
+    user, item, user_names, item_names = read_interactions(folder / "cds_interactions.tsv")
+    return Interactions(user, item, None, (user_names.size, item_names.size))
+
+
 def build_semisynthetic(
-    name: str, raw_folder: Path, config: SemisyntheticConfig
+    dataset: Dataset, raw_folder: Path, config: SemisyntheticConfig
 ) -> tuple[FeedbackData, dict[str, int]]:
-    """The semisynthetic stage's science: raw folder -> data set with true gamma and m.
+    """The prepare stage's science for a semi-synthetic set: raw folder -> data set with true
+    gamma and m. A source with ratings (ML-100K) gets its relevance from an MF fitted to
+    them; one without (Amazon CDs) from the preference of a logistic MF of its interactions,
+    put on ML-100K's rating scale.
 
     Also returns the size of the source it was derived from (`source_n_users`,
     `source_n_items`, `source_n_interactions`) for the summary.
     """
-    check_dataset(name, SEMISYNTHETIC_DATASETS)
     if not raw_folder.is_dir():
-        raise DataError(raw_folder, f"raw data missing; run `dvc repro download@{name}` first")
+        raise DataError(
+            raw_folder, f"raw data missing; run `dvc repro download@{dataset.name}` first"
+        )
+    interactions = dataset.read(raw_folder)
+    assert isinstance(interactions, Interactions), dataset
     # Children are keyed by index: a fourth leaves the first three (and their draws) as they were.
     seeds = np.random.SeedSequence(config.seed).spawn(4)
     torch_seed = int(seeds[0].generate_state(1)[0])
     reference = config.generator == "reference"
-    if name == "ml100k":
-        ratings = read_rating_table(raw_folder / "u.data", *ML100K_SHAPE, n_columns=4)
-        source = _source_counts(ratings.user, ratings.item)
-        user, item, kept = _popular_subset(ratings.user, ratings.item, config.ml100k)
-        rating = ratings.rating[kept].astype(np.float64)
-        shape = (int(user.max()) + 1, int(item.max()) + 1)
+    source = _source_counts(interactions.user, interactions.item)
+    user, item, kept = _popular_subset(
+        interactions.user, interactions.item, dataset.entry, dataset.name
+    )
+    shape = (int(user.max()) + 1, int(item.max()) + 1)
+    if interactions.rating is not None:
+        rating = interactions.rating[kept].astype(np.float64)
         with _deterministic_torch(torch_seed):
             if reference:
                 r_hat = fit_reference_mf(user, item, rating, shape, config, "squared")
@@ -85,10 +110,6 @@ def build_semisynthetic(
                 exposure_logit, _ = fit_logistic_mf(user, item, shape, config)
         relevance = _sigmoid(np.clip(r_hat, 1.0, 5.0) - config.relevance_eps)
     else:
-        user, item, _, _ = read_interactions(raw_folder / "cds_interactions.tsv")
-        source = _source_counts(user, item)
-        user, item, _ = _popular_subset(user, item, config.amazon_cds)
-        shape = (int(user.max()) + 1, int(item.max()) + 1)
         with _deterministic_torch(torch_seed):
             exposure_logit, preference = fit_logistic_mf(user, item, shape, config)
             if reference:
@@ -194,21 +215,30 @@ def unexposed_test_lists(
 
 
 def _popular_subset(
-    user: np.ndarray, item: np.ndarray, subset: SubsetConfig
+    user: np.ndarray, item: np.ndarray, subset: CatalogEntry, name: str
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Keep the `n_items` most popular items (ties: lower id), then users with at least
-    `min_user_interactions` on them; re-index both densely. Returns (user, item, kept rows)."""
+    """Keep the `n_items` most popular items (ties: lower id; 0 = all), then users with at
+    least `min_user_interactions` on them; re-index both densely. Returns (user, item, kept
+    rows)."""
     counts = np.bincount(item)
-    top_items = np.lexsort((np.arange(counts.size), -counts))[: subset.n_items]
+    top_items = np.lexsort((np.arange(counts.size), -counts))[: subset.n_items or None]
     rows = np.flatnonzero(np.isin(item, top_items))
     user_counts = np.bincount(user[rows], minlength=int(user.max()) + 1)
     rows = rows[user_counts[user[rows]] >= subset.min_user_interactions]
     if rows.size == 0:
-        raise DataError("semisynthetic", f"the subset {subset} keeps no interaction")
+        raise DataError(
+            f"params.yaml catalog.{name}",
+            f"n_items {subset.n_items} and min_user_interactions "
+            f"{subset.min_user_interactions} keep no interaction",
+        )
     kept_users, new_user = np.unique(user[rows], return_inverse=True)
     kept_items, new_item = np.unique(item[rows], return_inverse=True)
     if kept_users.size < 2 or kept_items.size < 2:
-        raise DataError("semisynthetic", f"the subset {subset} is degenerate")
+        raise DataError(
+            f"params.yaml catalog.{name}",
+            f"the kept part has {kept_users.size} users and {kept_items.size} items; "
+            "at least 2 of each are needed",
+        )
     return new_user.astype(np.int64), new_item.astype(np.int64), rows
 
 

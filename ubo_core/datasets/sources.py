@@ -9,8 +9,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ubo_core.config import DATASETS, check_dataset
-
 
 @dataclass(frozen=True)
 class RawFile:
@@ -112,10 +110,3 @@ AMAZON_REVIEWS_5CORE_URL = "http://snap.stanford.edu/data/amazon/productGraph/ca
 # The original derivation sorted by timestamp with an unstable sort, so the order of items
 # with equal timestamps cannot be reproduced byte for byte; the set of pairs can.
 AMAZON_CDS_PAIRS_SHA256 = "0e968b14a37b75c2f170cde4972a28a388a60ffc565a1aed3f6332bcd646b1ce"
-
-SOURCES: dict[str, Source] = {s.name: s for s in (COAT, YAHOO, ML100K, AMAZON_CDS)}
-assert tuple(SOURCES) == DATASETS
-
-
-def get_source(name: str) -> Source:
-    return SOURCES[check_dataset(name)]

@@ -26,14 +26,21 @@ class NoHyper:
 
 
 class Method(ABC):
-    """Base class of the nine methods.
+    """Base class of every method (ubo_core/methods/__init__.py registers them).
 
     sampling: which sampler feeds `step` — "pointwise" (pairs in paper mode, user blocks in
     dense mode), "triples" (BPR) or "full" (one step per epoch on everything: EM methods).
+    display: the name tables and figures give it; by default the class name.
     """
 
     Hyper: ClassVar[type] = NoHyper
     sampling: ClassVar[str] = "pointwise"
+    display: ClassVar[str] = ""
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if not cls.__dict__.get("display"):
+            cls.display = cls.__name__
 
     def __init__(
         self, tensors: TrainingTensors, train: TrainConfig, hyper: Any, generator: torch.Generator
