@@ -13,6 +13,7 @@ from flows.report_runs import (
     ALL_METHODS,
     METHOD_DISPLAY,
     METRICS,
+    PAPER,
     PAPER_METHODS,
     PCC_CHECKPOINTS,
     PCC_METHODS,
@@ -354,6 +355,15 @@ def render(study: Study, discussion: str = "") -> str:
             "",
         ]
     real = study.of_kind(REAL)
+    for dataset in (d for d in real if d not in PAPER):  # a real set of the user's own
+        parts += [
+            f"## {study.datasets[dataset].display}: every method",
+            "",
+            "Mean ± std over seeds (best of the row in bold), on its random-exposure test set.",
+            "",
+            metric_table(table, dataset, ALL_METHODS),
+            "",
+        ]
     if real:
         parts += ["## RQ2: the bi-level optimisation against its ablations (Figure 1)", ""]
         for dataset in real:

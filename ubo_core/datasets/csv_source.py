@@ -55,12 +55,19 @@ def read_feedback_csv(path: Path) -> FeedbackTable:
     if not path.is_file():
         raise DataError(path, "file not found")
     try:
-        table = pd.read_csv(path, dtype=str, keep_default_na=False, skip_blank_lines=True)
+        # header=None: with a header row, pandas would silently take an extra field of a row
+        # for an index column. Blank lines are kept, then dropped, so row k is file line k + 1.
+        table = pd.read_csv(
+            path, header=None, dtype=str, keep_default_na=False, skip_blank_lines=False
+        ).fillna("")
     except pd.errors.EmptyDataError:
         raise DataError(path, "empty file; expected a header user,item[,rating|click]") from None
     except pd.errors.ParserError as error:
         raise DataError(path, f"malformed CSV ({error})") from error
-    header = [str(c) for c in table.columns]
+    header = [c.strip() for c in table.iloc[0]]
+    table = table.iloc[1:]
+    table = table[~(table == "").all(axis=1)]
+    table.columns = header
     unknown = [c for c in header if c not in (*ID_COLUMNS, *OPTIONAL_COLUMNS)]
     labels = [c for c in header if c in LABEL_COLUMNS]
     if (
@@ -76,7 +83,7 @@ def read_feedback_csv(path: Path) -> FeedbackTable:
         )
     if table.empty:
         raise DataError(path, "no rows")
-    line = table.index.to_numpy() + 2
+    line = table.index.to_numpy() + 1
     for column in ID_COLUMNS:
         empty = table[column].str.strip() == ""
         if empty.any():

@@ -34,10 +34,12 @@ def download_dataset(
     dataset: Dataset, raw_dir: Path, manual_dir: Path, mirror: Path | None = None
 ) -> Path:
     """Fill `raw_dir/<name>` with the checked raw files of `dataset`; return that path.
-    Your own data's files are copied from `manual_dir/<name>/` (checked when read)."""
+    Your own data's files are read whole from `manual_dir/<name>/` first, so an error names
+    the file you edit, then copied."""
     target = Path(raw_dir) / dataset.name
     manual_folder = Path(manual_dir) / dataset.name
     if dataset.source is None:
+        dataset.read(manual_folder)
         copy_own_files(dataset.files, manual_folder, target)
     else:
         fetch_source(dataset.source, target, manual_folder, mirror)
