@@ -49,6 +49,9 @@ def service_env() -> dict[str, str]:
     env["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
     env["DO_NOT_TRACK"] = "1"
     env["DVC_NO_ANALYTICS"] = "1"
+    # A Prefect client without an API URL would silently start a temporary server of its
+    # own on the same SQLite database: fail instead.
+    env["PREFECT_SERVER_EPHEMERAL_ENABLED"] = "false"
     env.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{REPO / 'mlflow.db'}")
     return env
 
@@ -276,6 +279,23 @@ def clear_orphans(env: dict[str, str]) -> int:
     return len(to_crash) + len(to_cancel)
 
 
+def start_server(services: Services, env: dict[str, str], port: int) -> dict[str, str]:
+    """A Prefect server on 127.0.0.1:`port` whose UI talks to it; returns `env` with its API
+    URL, once it answers."""
+    api_url = f"http://127.0.0.1:{port}/api"
+    services.start(
+        "prefect-server",
+        ["server", "start", "--host", "127.0.0.1", "--port", str(port)],
+        # The UI's API address defaults to port 4200 whatever the server's port: it would
+        # show another server's runs.
+        env=env | {"PREFECT_SERVER_UI_API_URL": api_url},
+    )
+    env = env | {"PREFECT_API_URL": api_url}
+    services.env = env
+    wait_healthy(api_url, services)
+    return env
+
+
 @contextlib.contextmanager
 def services_running(env: dict[str, str], cpu_workers: int) -> Iterator[tuple[dict[str, str], str]]:
     """Server (if needed), pools, deployments and workers; yields (env, training deployment)."""
@@ -286,15 +306,13 @@ def services_running(env: dict[str, str], cpu_workers: int) -> Iterator[tuple[di
         if not env.get("PREFECT_API_URL"):
             port = free_port()
             api_url = f"http://127.0.0.1:{port}/api"
-            print(f"starting a local Prefect server on {api_url} (SQLite in {STATE_DIR})")
+            print(
+                f"starting a local Prefect server on {api_url} (UI: {api_url[:-4]}, SQLite in "
+                f"{STATE_DIR}); submit more work to it with PREFECT_API_URL={api_url}"
+            )
             lock.write(f"its server: {api_url}\n")
             lock.flush()
-            services.start(
-                "prefect-server", ["server", "start", "--host", "127.0.0.1", "--port", str(port)]
-            )
-            env = env | {"PREFECT_API_URL": api_url}
-            services.env = env
-            wait_healthy(api_url, services)
+            env = start_server(services, env, port)
             if closed := clear_orphans(env):
                 print(f"closed {closed} run(s) left open by an earlier, stopped local run")
         gpus = gpu_count()
@@ -341,6 +359,17 @@ def run_benchmark(
     os.environ.update(
         {k: v for k, v in env.items() if k.startswith(("PREFECT_", "MLFLOW_", "UBO_"))}
     )
+    from prefect.settings import temporary_settings
+
+    # Prefect reads its settings once, at import (clear_orphans imported it before the API
+    # URL was known): the environment set above no longer reaches this process's client.
+    with temporary_settings(
+        updates={"api.url": env["PREFECT_API_URL"], "server.ephemeral.enabled": False}
+    ):
+        return _submit_and_wait(env, parameters, deployment)
+
+
+def _submit_and_wait(env: dict[str, str], parameters: dict[str, Any], deployment: str) -> int:
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterTags
     from prefect.deployments import run_deployment

@@ -50,6 +50,8 @@ from flows.local import (
     free_port,
     orphans,
     prefect,
+    service_env,
+    start_server,
     wait_healthy,
 )
 from flows.store import to_mlflow_key
@@ -567,3 +569,50 @@ def test_a_new_local_run_closes_what_a_stopped_one_left_open(stack):
         "kept": "SCHEDULED",
     }
     assert closed >= 2
+
+
+def test_the_local_runner_submits_to_its_own_server_never_a_temporary_one(tmp_path):
+    """Prefect reads its settings at import; flows.local imports it (clear_orphans) before the
+    server's URL is known. Its client must still use that URL, not start a temporary server
+    of its own on the same database (the "Starting temporary server" of earlier runs)."""
+    import subprocess
+    import sys
+
+    script = """
+import sys
+import prefect.settings  # read now, with no API URL, as clear_orphans does
+from flows import local
+
+def probe(env, parameters, deployment):
+    from prefect.client.orchestration import get_client
+    with get_client(sync_client=True) as client:
+        print(client.api_url)
+    return 0
+
+local._submit_and_wait = probe
+sys.exit(local.run_benchmark({"PREFECT_API_URL": "http://127.0.0.1:4999/api"}, {}, "x"))
+"""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env |= {"PREFECT_HOME": str(tmp_path), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    done = subprocess.run(
+        [sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "http://127.0.0.1:4999/api/"
+    assert "temporary server" not in done.stdout + done.stderr
+
+
+def test_a_server_on_another_port_serves_a_ui_that_talks_to_itself(tmp_path):
+    import urllib.request
+
+    port = free_port(preferred=None)
+    env = service_env() | {"PREFECT_HOME": str(tmp_path / "home")}
+    env.pop("PREFECT_API_URL", None)
+    services = Services(tmp_path / "logs", env)
+    try:
+        start_server(services, env, port)
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/ui-settings", timeout=10) as reply:
+            settings = json.load(reply)
+    finally:
+        services.stop()
+    assert settings["api_url"] == f"http://127.0.0.1:{port}/api"
