@@ -8,6 +8,8 @@
 #                    of the checkout's code; REPORT_ARGS: more flags, e.g. --code-version <the
 #                    version RESULTS.md names> to regenerate it after ubo_core has changed
 #   make test        install if needed, lint, run the test suite
+#   make ui          the MLflow UI on the study's store (light: one worker, no job runner);
+#                    PREFECT=1 also the Prefect UI (UI_ARGS: more flows.ui flags)
 #
 # TORCH_INDEX: where torch==2.13.0 comes from. The default CPU wheel index keeps a CPU machine
 # from pulling the multi-GB CUDA build; on a GPU machine use `make ... TORCH_INDEX=` (PyPI's
@@ -26,8 +28,10 @@ export PATH := $(BIN):$(PATH)
 SMOKE ?=
 BENCHMARK_ARGS ?=
 REPORT_ARGS ?=
+PREFECT ?=
+UI_ARGS ?=
 
-.PHONY: install benchmark data summary study tune report test lint format
+.PHONY: install benchmark data summary study tune report ui test lint format
 
 install: $(INSTALLED)
 
@@ -54,14 +58,18 @@ tune: $(INSTALLED)
 report: $(INSTALLED)
 	python -m flows.report $(REPORT_ARGS)
 
+ui: $(INSTALLED)
+	python -m flows.ui $(if $(PREFECT),--prefect) $(UI_ARGS)
+
 data: $(INSTALLED)
 	dvc repro
 
 summary: $(INSTALLED)
 	python -m ubo_core.stages summary
 
+# Progress per test file and the 15 slowest tests at the end.
 test: $(INSTALLED) lint
-	python -m pytest
+	python -m pytest -o console_output_style=count --durations=15
 
 lint: $(INSTALLED)
 	ruff check .

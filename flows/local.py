@@ -416,7 +416,7 @@ def _submit_and_wait(env: dict[str, str], parameters: dict[str, Any], deployment
         return 1
     print(
         f"done in {time.monotonic() - started:.0f} s; compare runs with "
-        f"`mlflow ui --backend-store-uri {env['MLFLOW_TRACKING_URI']}`"
+        "`make ui`"
     )
     return 0
 
