@@ -414,10 +414,7 @@ def _submit_and_wait(env: dict[str, str], parameters: dict[str, Any], deployment
     if not state.is_completed():
         print(f"{deployment} ended {state.name}: {state.message or ''}", file=sys.stderr)
         return 1
-    print(
-        f"done in {time.monotonic() - started:.0f} s; compare runs with "
-        "`make ui`"
-    )
+    print(f"done in {time.monotonic() - started:.0f} s; compare runs with `make ui`")
     return 0
 
 

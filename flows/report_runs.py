@@ -90,6 +90,7 @@ class Study:
     seeds: tuple[int, ...] = SEEDS
     tuned: bool = False  # params.yaml holds tuned values (a `datasets:` block)
     datasets: dict[str, Dataset] = field(default_factory=dict)  # the reported, catalog order
+    unexposed_negatives: int = 0  # semisynthetic.unexposed_test_negatives of params.yaml
     # Semi-synthetic sets: the test set ranked by the truth and by popularity (no training).
     references: dict[str, list[ReferenceRanking]] = field(default_factory=dict)
     unexposed_references: dict[str, list[ReferenceRanking]] = field(default_factory=dict)
@@ -130,6 +131,7 @@ def collect(
     study.seeds = tuple(seeds)
     study.tuned = bool(params.datasets)
     study.datasets = {name: get_dataset(params, name) for name in datasets}
+    study.unexposed_negatives = params.semisynthetic.unexposed_test_negatives
     for dataset in datasets:
         study.data_versions[dataset] = run_identity.data_version(processed, dataset, repo)
         semisynthetic = study.datasets[dataset].kind == SEMISYNTHETIC

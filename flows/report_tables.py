@@ -179,7 +179,8 @@ def unexposed_section(study: Study, table: pd.DataFrame, dataset: str) -> list[s
         lines.append(f"| {REFERENCE_DISPLAY[ranking.name]} | {ranking.metrics['dcg@3']:.3f} |")
     return [
         "The second test protocol, Saito et al.'s (docs/DATA.md): each user's relevant but "
-        "unclicked items of the training draw against up to 100 sampled non-relevant items "
+        "unclicked items of the training draw against up to "
+        f"{study.unexposed_negatives} sampled non-relevant items "
         "(DCG and MAP as above, on these longer lists):",
         "",
         metric_table(table, dataset, ALL_METHODS, UNEXPOSED_METRICS),
