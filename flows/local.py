@@ -37,7 +37,7 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 STATE_DIR = REPO / ".prefect"
-SMOKE = {"datasets": ["coat"], "seeds": [0], "epochs": 3}
+SMOKE = {"seeds": [0], "epochs": 3}  # and one data set: smoke_dataset()
 CONTROL_POOL, CPU_POOL, GPU_POOL = "ubo-control", "ubo-cpu", "ubo-gpu"
 
 
@@ -187,6 +187,14 @@ def gpu_count() -> int:
     return sum(1 for line in done.stdout.splitlines() if line.startswith("GPU "))
 
 
+def smoke_dataset() -> str:
+    """Coat, or without it in params.yaml's catalog the catalog's first data set."""
+    from ubo_core.config import load_params
+
+    catalog = load_params(REPO / "params.yaml").catalog
+    return "coat" if "coat" in catalog else next(iter(catalog))
+
+
 def parse_params(pairs: list[str]) -> dict[str, Any]:
     params: dict[str, Any] = {}
     for pair in pairs:
@@ -195,11 +203,12 @@ def parse_params(pairs: list[str]) -> dict[str, Any]:
     return params
 
 
-def exclusive_run(prefect_home: Path) -> IO:
+def exclusive_run(prefect_home: Path, holder: str = "`python -m flows.local`") -> IO:
     """Hold an exclusive lock on `<prefect_home>/flows-local.lock` until the returned file is
-    closed (or the process dies). A second run on the same Prefect home would start a second
-    server on the same SQLite database and reset the pools' concurrency limits under the
-    first run's workers; submit extra work to the running server instead."""
+    closed (or the process dies); `holder` names this process in it. A second run on the same
+    Prefect home would start a second server on the same SQLite database and reset the pools'
+    concurrency limits under the first run's workers; submit extra work to the running server
+    instead."""
     prefect_home.mkdir(parents=True, exist_ok=True)
     path = prefect_home / "flows-local.lock"
     handle = open(path, "a+")  # noqa: SIM115 (held open: the lock lives as long as the file)
@@ -207,16 +216,16 @@ def exclusive_run(prefect_home: Path) -> IO:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         handle.seek(0)
-        holder = handle.read().strip() or "another process"
+        held_by = " ".join(handle.read().split()) or "another process"
         handle.close()
         raise RuntimeError(
-            f"{path} is locked by a running `python -m flows.local` ({holder}). Wait for it, or "
-            "submit to its server: PREFECT_API_URL=<its api url> prefect deployment run "
+            f"{path} is locked by a running {held_by}. Wait for it (or stop it), or submit to "
+            "its server: PREFECT_API_URL=<its api url> prefect deployment run "
             "ubo/full-benchmark (or ubo/tune) --param ..."
         ) from None
     handle.seek(0)
     handle.truncate()
-    handle.write(f"pid {os.getpid()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+    handle.write(f"{holder} (pid {os.getpid()}, started {time.strftime('%Y-%m-%d %H:%M:%S')})\n")
     handle.flush()
     return handle
 
@@ -425,7 +434,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--flow", choices=sorted(DEPLOYMENTS), default="benchmark", help="what to run"
     )
-    parser.add_argument("--smoke", action="store_true", help="Coat only, one seed, 3 epochs")
+    parser.add_argument(
+        "--smoke", action="store_true", help="Coat (or the catalog's first), 1 seed, 3 epochs"
+    )
     parser.add_argument("--cpu-workers", type=int, default=max(1, (os.cpu_count() or 1)))
     parser.add_argument(
         "--param",
@@ -435,8 +446,11 @@ def main(argv: list[str] | None = None) -> int:
         help="a parameter of the ubo flow (YAML value), e.g. methods=[ubo,umf]",
     )
     args = parser.parse_args(argv)
-    smoke = SMOKE if args.flow == "benchmark" else {"datasets": ["coat"], "n_trials": 2}
-    parameters = (smoke if args.smoke else {}) | parse_params(args.param)
+    parameters: dict[str, Any] = {}
+    if args.smoke:
+        parameters = {"datasets": [smoke_dataset()]}
+        parameters |= SMOKE if args.flow == "benchmark" else {"n_trials": 2}
+    parameters |= parse_params(args.param)
     # Several CPU workers share the cores: one torch thread each unless told otherwise.
     if args.cpu_workers > 1:
         parameters.setdefault("overrides", {}).setdefault("threads", 1)

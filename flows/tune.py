@@ -46,7 +46,7 @@ from flows.tune_study import (
     format_values,
 )
 from ubo_core.config import Params, load_params
-from ubo_core.datasets.registry import BUILTINS
+from ubo_core.datasets.registry import BUILTINS, get_dataset
 from ubo_core.errors import UboError
 from ubo_core.methods import METHODS, check_method_params, get_method
 from ubo_core.tuning import (
@@ -76,6 +76,8 @@ def tune(
     check_method_params(params)
     check_tuning(params)
     datasets = list(params.catalog) if datasets is None else datasets
+    for dataset in datasets:
+        get_dataset(params, dataset)  # an unknown name fails before anything is submitted
     for method in methods:
         get_method(method)
     check_overrides(overrides)
@@ -154,10 +156,12 @@ def merged_choices(
 ) -> tuple[dict[str, dict[str, dict[str, Any]]], list[str]]:
     """The store's choices over the `datasets:` block params.yaml holds now, and the
     "dataset/method" pairs kept from params.yaml: a partial re-tune (some data sets or methods,
-    or a store that lacks older studies) replaces only what it tuned."""
+    or a store that lacks older studies) replaces only what it tuned. Studies of data sets no
+    longer in the catalog are left out (params.yaml would refuse them)."""
     merged = {dataset: dict(methods) for dataset, methods in params.datasets.items()}
     for dataset, methods in chosen.items():
-        merged.setdefault(dataset, {}).update(methods)
+        if dataset in params.catalog:
+            merged.setdefault(dataset, {}).update(methods)
     kept = [
         f"{dataset}/{method}"
         for dataset, methods in params.datasets.items()
@@ -181,7 +185,7 @@ def summary_markdown(experiment_id: str) -> str:
         "| best SNIPS DCG@3 | minutes | minutes per completed trial | chosen |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    for dataset in dict.fromkeys([*BUILTINS, *sorted(d for d, _ in studies)]):
+    for dataset in dict.fromkeys([*BUILTINS, *sorted(d for d, _ in studies)]):  # no params here
         for method in METHODS:
             run = studies.get((dataset, method))
             if run is None:

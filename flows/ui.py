@@ -61,6 +61,14 @@ def wait_for(url: str, process: subprocess.Popen, log: Path, timeout: float = 12
     raise RuntimeError(f"{url} did not answer within {timeout:.0f} s (log: {log})")
 
 
+def lock_is_free(prefect_home: Path) -> bool:
+    try:
+        exclusive_run(prefect_home, holder="a probe of flows.ui").close()
+    except RuntimeError:
+        return False
+    return True
+
+
 def running_prefect_server(prefect_home: Path) -> str | None:
     """The API URL of the server a running `flows.local` holds (its lock file names it)."""
     lock = prefect_home / "flows-local.lock"
@@ -80,9 +88,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     env = service_env() | {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     store = env["MLFLOW_TRACKING_URI"]
-    taken = [
-        p for p in (args.port, *([args.prefect_port] if args.prefect else [])) if port_taken(p)
-    ]
+    home = Path(env["PREFECT_HOME"])
+    study_server = running_prefect_server(home) if args.prefect else None
+    if study_server and not lock_is_free(home):
+        print(f"Prefect UI: {study_server.removesuffix('/api')} (the running study's server)")
+        args.prefect = False  # nothing of ours to start
+    ports = [args.port, args.prefect_port] if args.prefect else [args.port]
+    taken = [port for port in ports if port_taken(port)]
     if taken:
         print(
             f"error: port {taken[0]} is taken (another `make ui`, or a server of yours); "
@@ -109,18 +121,14 @@ def main(argv: list[str] | None = None) -> int:
         )
     try:
         if args.prefect:
-            home = Path(env["PREFECT_HOME"])
-            try:
-                lock = exclusive_run(home)
-            except RuntimeError:  # a running make benchmark / tune: its server has the UI
-                api_url = running_prefect_server(home) or "(see that run's output)"
-                print(f"Prefect UI: {api_url.removesuffix('/api')} (the running study's server)")
-            else:
-                api_url = f"http://127.0.0.1:{args.prefect_port}/api"
-                lock.write(f"its server: {api_url}\n")
-                lock.flush()
-                start_server(services, env, args.prefect_port)
-                print(f"Prefect UI: {api_url.removesuffix('/api')}")
+            # Held while the UI runs: a `make benchmark` started meanwhile says so and stops,
+            # rather than start a second server on the same database.
+            lock = exclusive_run(home, holder="`make ui PREFECT=1` (python -m flows.ui)")
+            api_url = f"http://127.0.0.1:{args.prefect_port}/api"
+            lock.write(f"its server: {api_url}\n")
+            lock.flush()
+            start_server(services, env, args.prefect_port)
+            print(f"Prefect UI: {api_url.removesuffix('/api')}")
         wait_for(f"http://127.0.0.1:{args.port}/health", mlflow, mlflow_log)
         print(f"MLflow UI:  http://127.0.0.1:{args.port}  (store {store})", flush=True)
         print("Ctrl-C stops them.", flush=True)

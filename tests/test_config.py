@@ -16,6 +16,13 @@ def write(tmp_path: Path, text: str) -> Path:
     return path
 
 
+@pytest.mark.parametrize("path", ["params.yaml", "docs/fidelity/base_params.yaml"])
+def test_every_params_file_of_the_repository_loads(path):
+    from ubo_core.methods import check_method_params
+
+    check_method_params(load_params(REPO / path))
+
+
 def test_repository_params_load_and_match_documented_defaults():
     params = load_params(REPO / "params.yaml")
     assert params.preprocess.positive_threshold == 4
@@ -82,6 +89,7 @@ def test_empty_file_gives_defaults(tmp_path):
         ("catalog:\n  coat: {train: a.csv}\n", "catalog.coat", "is a built-in data set"),
         ("catalog:\n  shop: {test: t.csv}\n", "catalog.shop.test", "given without `train`"),
         ("catalog:\n  shop: {train: ../a.csv}\n", "catalog.shop.train", "inside data/manual"),
+        ("catalog:\n  shop: {train: a.csv, test: a.csv}\n", "catalog.shop.test", "same file"),
         (
             "catalog:\n  shop: {train: a.csv, test: t.csv, n_items: 10}\n",
             "catalog.shop",

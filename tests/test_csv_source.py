@@ -31,6 +31,13 @@ def test_real_ids_are_mapped_over_both_files_in_sorted_order(tmp_path):
     np.testing.assert_array_equal(raw.test.labels(positive_threshold=4), [1, 0])
 
 
+def test_spaces_around_fields_do_not_make_new_ids(tmp_path):
+    write(tmp_path, "train.csv", "user, item, rating\nu1, x, 5\nu1,y ,1\n u2,x,4\n")
+    source = read_csv_source(tmp_path, "train.csv")
+    assert source.shape == (2, 2)
+    np.testing.assert_array_equal(source.item, [0, 1, 0])
+
+
 def test_without_a_label_column_every_training_row_is_a_click(tmp_path):
     write(tmp_path, "train.csv", "user,item,timestamp\na,x,10\na,y,11.5\n")
     write(tmp_path, "test.csv", "user,item,rating\na,z,4\na,x,3.5\n")
@@ -90,7 +97,7 @@ def test_a_test_file_needs_labels_and_files_must_exist(tmp_path):
     assert str(info.value) == (
         f"{test}: no rating or click column: a random-exposure test needs labels"
     )
-    with pytest.raises(DataError, match="file not found"):
+    with pytest.raises(DataError, match=r"file not found \(params.yaml's catalog names it\)"):
         read_csv_real(tmp_path, "train.csv", "missing.csv")
 
 

@@ -616,3 +616,26 @@ def test_a_server_on_another_port_serves_a_ui_that_talks_to_itself(tmp_path):
     finally:
         services.stop()
     assert settings["api_url"] == f"http://127.0.0.1:{port}/api"
+
+
+def test_make_ui_on_a_taken_port_fails_at_once_naming_it(tmp_path):
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        port = server.getsockname()[1]
+        started = time.monotonic()
+        done = subprocess.run(
+            [sys.executable, "-m", "flows.ui", "--port", str(port)],
+            cwd=REPO,
+            env=os.environ | {"PREFECT_HOME": str(tmp_path)},
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    assert done.returncode == 1
+    assert done.stderr.startswith(f"error: port {port} is taken")
+    assert time.monotonic() - started < 30

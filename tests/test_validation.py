@@ -200,6 +200,24 @@ def test_no_active_user_is_an_error():
         build_validation_sets(make_data(), config)
 
 
+def test_clicks_only_training_data_needs_unlabeled_negatives():
+    """A click log (no rated negative at all) would give a validation set of positives only,
+    on which the bi-level objective is constant: `negative: rated` refuses it, naming the fix;
+    `negative: unlabeled` works."""
+    data = make_data()
+    positive = data.train_label == 1
+    clicks = dataclasses.replace(
+        data,
+        train_user=data.train_user[positive],
+        train_item=data.train_item[positive],
+        train_label=data.train_label[positive],
+    )
+    with pytest.raises(DataError, match="set validation.negative: unlabeled"):
+        build_validation_sets(clicks, CONFIG)
+    unlabeled = dataclasses.replace(CONFIG, negative="unlabeled")
+    assert set(build_validation_sets(clicks, unlabeled).val_label.tolist()) == {0, 1}
+
+
 def test_input_with_validation_sets_is_refused(result):
     with pytest.raises(DataError) as info:
         build_validation_sets(result, CONFIG)

@@ -106,6 +106,8 @@ class CatalogEntry:
                 raise ConfigError(key, f"{name!r}: a file name inside data/manual/<name>/")
         if self.test and not self.train:
             raise ConfigError("test", "given without `train`")
+        if self.test and Path(self.test) == Path(self.train):
+            raise ConfigError("test", "the same file as `train`; a test set must be held out")
 
 
 def default_catalog() -> dict[str, CatalogEntry]:

@@ -53,18 +53,19 @@ class FeedbackTable:
 
 def read_feedback_csv(path: Path) -> FeedbackTable:
     if not path.is_file():
-        raise DataError(path, "file not found")
+        raise DataError(path, "file not found (params.yaml's catalog names it)")
     try:
         # header=None: with a header row, pandas would silently take an extra field of a row
         # for an index column. Blank lines are kept, then dropped, so row k is file line k + 1.
         table = pd.read_csv(
             path, header=None, dtype=str, keep_default_na=False, skip_blank_lines=False
         ).fillna("")
+        table = table.apply(lambda column: column.str.strip())  # "u1, item2" is "u1,item2"
     except pd.errors.EmptyDataError:
         raise DataError(path, "empty file; expected a header user,item[,rating|click]") from None
     except pd.errors.ParserError as error:
         raise DataError(path, f"malformed CSV ({error})") from error
-    header = [c.strip() for c in table.iloc[0]]
+    header = list(table.iloc[0])
     table = table.iloc[1:]
     table = table[~(table == "").all(axis=1)]
     table.columns = header
@@ -85,7 +86,7 @@ def read_feedback_csv(path: Path) -> FeedbackTable:
         raise DataError(path, "no rows")
     line = table.index.to_numpy() + 1
     for column in ID_COLUMNS:
-        empty = table[column].str.strip() == ""
+        empty = table[column] == ""
         if empty.any():
             raise DataError(path, f"line {line[int(np.flatnonzero(empty)[0])]}: empty {column}")
     numbers = {

@@ -52,8 +52,6 @@ def copy_own_files(files: tuple[str, ...], folder: Path, target: Path) -> None:
         staging.mkdir(parents=True)
         for name in files:
             origin = folder / name
-            if not origin.is_file():
-                raise DataError(origin, "file not found (params.yaml's catalog names it)")
             destination = staging / name
             destination.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(origin, destination)

@@ -11,6 +11,7 @@ import pandas as pd
 from ubo_core.errors import DataError
 
 MIN_RATING, MAX_RATING = 1, 5
+ML100K_SHAPE = (943, 1_682)
 
 
 @dataclass(frozen=True)
@@ -191,3 +192,16 @@ def check_duplicates(
             path,
             f"duplicate (user, item) on lines {line_of[duplicate_rows[:2]].tolist()}",
         )
+
+
+# -- the semi-synthetic built-ins' sources (ubo_core/datasets/registry.py) ------------------
+def read_ml100k(folder: Path) -> Interactions:
+    """ML-100K's ratings (u.data: user, item, rating, timestamp; 1-based ids)."""
+    ratings = read_rating_table(folder / "u.data", *ML100K_SHAPE, n_columns=4)
+    return Interactions(ratings.user, ratings.item, ratings.rating, ML100K_SHAPE)
+
+
+def read_amazon_cds(folder: Path) -> Interactions:
+    """The Amazon CDs subset's interactions (cds_interactions.tsv; no ratings)."""
+    user, item, user_names, item_names = read_interactions(folder / "cds_interactions.tsv")
+    return Interactions(user, item, None, (user_names.size, item_names.size))

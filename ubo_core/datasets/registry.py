@@ -20,9 +20,8 @@ from pathlib import Path
 
 from ubo_core.config import CatalogEntry, ConfigError, Params, check_dataset
 from ubo_core.datasets.csv_source import read_csv_real, read_csv_source
-from ubo_core.datasets.readers import Interactions, RealFeedback
+from ubo_core.datasets.readers import Interactions, RealFeedback, read_amazon_cds, read_ml100k
 from ubo_core.datasets.real import read_coat, read_yahoo
-from ubo_core.datasets.semisynthetic import read_amazon_cds, read_ml100k
 from ubo_core.datasets.sources import AMAZON_CDS, COAT, ML100K, YAHOO, Source
 
 REAL = "real"

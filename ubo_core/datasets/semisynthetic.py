@@ -48,29 +48,16 @@ import torch
 
 from ubo_core.config import CatalogEntry, SemisyntheticConfig
 from ubo_core.data import FeedbackData, evaluable_users
-from ubo_core.datasets.readers import Interactions, read_interactions, read_rating_table
+from ubo_core.datasets.readers import Interactions
 from ubo_core.errors import DataError
 
 if TYPE_CHECKING:
     from ubo_core.datasets.registry import Dataset
 
-ML100K_SHAPE = (943, 1_682)
 # ML-100K's rating mean and standard deviation, used to give Amazon's pseudo-ratings the
 # same scale (so one eps means comparable relevance levels on both sets).
 PSEUDO_RATING_MEAN = 3.53
 PSEUDO_RATING_STD = 1.13
-
-
-def read_ml100k(folder: Path) -> Interactions:
-    """ML-100K's ratings (u.data: user, item, rating, timestamp; 1-based ids)."""
-    ratings = read_rating_table(folder / "u.data", *ML100K_SHAPE, n_columns=4)
-    return Interactions(ratings.user, ratings.item, ratings.rating, ML100K_SHAPE)
-
-
-def read_amazon_cds(folder: Path) -> Interactions:
-    """The Amazon CDs subset's interactions (cds_interactions.tsv; no ratings)."""
-    user, item, user_names, item_names = read_interactions(folder / "cds_interactions.tsv")
-    return Interactions(user, item, None, (user_names.size, item_names.size))
 
 
 def build_semisynthetic(

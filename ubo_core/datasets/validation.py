@@ -93,7 +93,17 @@ def _unbiased_validation(
         raise DataError("validation", "no active user with a training positive")
     picked = [_most_popular_per_user(data, popularity, active, 1)]
     if config.negative == "rated":
-        picked.append(_most_popular_per_user(data, popularity, active, 0))
+        negatives = _most_popular_per_user(data, popularity, active, 0)
+        if negatives[0].size == 0:
+            # Clicks only (a log without a rating or click column): a validation set of
+            # positives alone would make the bi-level objective constant.
+            raise DataError(
+                "validation",
+                "no active user has a rated negative (training feedback without a rating or "
+                "click 0): set validation.negative: unlabeled in params.yaml, or give the "
+                "training file a rating or click column",
+            )
+        picked.append(negatives)
     else:
         picked.append(_most_popular_unlabeled(data, popularity, active))
     user = np.concatenate([p[0] for p in picked])
