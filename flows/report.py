@@ -21,9 +21,9 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from flows import store
+from flows import results_runs, store
 from flows.report_figures import figures
-from flows.report_runs import REPO, SEEDS, collect
+from flows.report_runs import METHOD_DISPLAY, REPO, SEEDS, collect, summary
 from flows.report_tables import render
 from ubo_core.errors import UboError
 from ubo_core.fileio import atomic_path
@@ -48,6 +48,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--methods", nargs="+", default=list(METHODS))
     parser.add_argument("--seeds", nargs="+", type=int, default=list(SEEDS))
+    parser.add_argument(
+        "--no-mlflow-results",
+        action="store_true",
+        help="do not update the per-data-set results experiments of the MLflow store",
+    )
     parser.add_argument(
         "--code-version",
         default=None,
@@ -86,6 +91,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     with atomic_path(out / "RESULTS.md") as tmp:
         tmp.write_text(text)
     print(f"wrote {out / 'RESULTS.md'} from {len(study.runs)} runs")
+    if not args.no_mlflow_results:
+        experiments = results_runs.publish(
+            summary(study.runs),
+            {name: dataset.display for name, dataset in study.datasets.items()},
+            METHOD_DISPLAY,
+            study.code_version,
+        )
+        names = ", ".join(
+            results_runs.experiment_name(study.datasets[d].display) for d in experiments
+        )
+        print(f"updated the MLflow experiments {names} (`make ui`: DCG@3 by method)")
     return 0
 
 

@@ -240,3 +240,34 @@ def test_hyper_validation_against_test_per_method(study_store):
     line = next(x for x in text.splitlines() if x.startswith("| UBO |"))
     assert line.startswith(f"| UBO | {ubo['hyper'].mean():.3f} ± {ubo['hyper'].std():.3f} |")
     assert f"across all {len(runs[runs.dataset == 'coat'])} runs" in text
+
+
+def test_the_report_writes_one_results_run_per_method_for_the_mlflow_ui(study_store, tmp_path):
+    """`make report` also fills "ubo results: <data set>": one flat run per method, named by
+    it, whose metrics are the report's means; a rerun updates the runs, never adds any."""
+    from mlflow import MlflowClient
+
+    from flows import results_runs
+
+    assert run_report(study_store, tmp_path) == 0
+    assert run_report(study_store, tmp_path) == 0
+    store.configure(store.default_tracking_uri(study_store), study_store)
+    study = report_runs.collect(study_store, "study", DATASETS, METHODS, SEEDS)
+    table = report_runs.summary(study.runs)
+    client = MlflowClient()
+    experiment = client.get_experiment_by_name(results_runs.experiment_name("Coat"))
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    runs = store.search(experiment.experiment_id, "attributes.status = 'FINISHED'")
+    names = {run.info.run_name: run for run in runs}
+    assert sorted(names) == sorted(report_runs.METHOD_DISPLAY[m] for m in METHODS)
+    ubo = names["UBO"]
+    assert ubo.data.metrics["dcg_at_3"] == pytest.approx(table.loc[("coat", "ubo"), "dcg@3_mean"])
+    assert float(ubo.data.tags["dcg_at_3_std"]) == pytest.approx(
+        table.loc[("coat", "ubo"), "dcg@3_std"], abs=1e-4
+    )
+    assert ubo.data.tags["ubo.n_seeds"] == "2"
+    # Newest first, as the runs table and the charts list them: the registry's order.
+    newest_first = store.search(
+        experiment.experiment_id, "attributes.status = 'FINISHED'", ["attributes.start_time DESC"]
+    )
+    assert [r.data.tags["method"] for r in newest_first] == METHODS
