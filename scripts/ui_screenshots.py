@@ -5,8 +5,12 @@
 
 MLflow: starts `mlflow server` (--workers 1, job execution and telemetry off) on
 127.0.0.1:<free port> against the tracking store (default sqlite:///<repo>/mlflow.db), opens
-in headless Chromium
+in headless Chromium, with a fresh profile (nothing seeded: what a new user sees)
 
+- the README's three clicks from MLflow's home page: "Model training", the experiment
+  "ubo results: Yahoo! R3" (written by `make report`; another data set's if Yahoo has none)
+  under "Recent Experiments", and the chart view: the dcg_at_3 chart must draw one bar per
+  method -> mlflow_results.png;
 - the experiment's runs table, sorted by run name so that child runs are listed flat (the
   default sort nests them, collapsed, under their parent): at least min(5, n) child run names
   such as "coat/umf/seed0" must be shown -> mlflow_runs.png;
@@ -48,7 +52,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -72,8 +76,6 @@ CHROMIUM_FLAGS = (
 )
 # Stepped metrics to plot, in order of preference (flows/tracked_run.py logs per-epoch curves).
 PREFERRED_CURVES = ("loss/train_loss", "val/val_loss")
-# Final metrics shown as columns of the runs table when the runs have them.
-TABLE_METRICS = ("dcg_at_3", "map_at_3", "recall_at_3", "wall_seconds")
 MIN_MLFLOW_NAMES = 5  # child run names the runs table must show (fewer if there are fewer)
 MAX_PREFECT_CHILDREN = 20  # child flow run names the Prefect runs page must show
 
@@ -387,7 +389,6 @@ class MlflowTarget:
     run_id: str  # the child run whose chart is checked
     run_name: str
     metric: str  # a metric of that run with >= 2 steps
-    table_metrics: list[str] = field(default_factory=list)
 
 
 def absolute_store_uri(uri: str) -> str:
@@ -457,7 +458,6 @@ def mlflow_target(base_url: str, experiment: str = DEFAULT_EXPERIMENT) -> Mlflow
                     run_id=info["run_id"],
                     run_name=info["run_name"],
                     metric=key,
-                    table_metrics=[m for m in TABLE_METRICS if m in metrics],
                 )
     raise CheckFailed(f"no child run of parent {latest_parent} has a metric with two or more steps")
 
@@ -501,20 +501,6 @@ def start_mlflow(processes: Processes, tracking_uri: str, workdir: Path) -> str:
     return base
 
 
-def _mlflow_preload(target: MlflowTarget) -> str:
-    """Local-storage entries a returning user would have: the assistant panel (opened by
-    itself on a first visit from localhost) stays shut, and the runs table shows final
-    metrics next to the names (best effort: MLflow ignores entries it does not understand)."""
-    entries = {"mlflow.assistant.fab.autoOpenedOnFirstLoad_v1": "true"}
-    if target.table_metrics:
-        key = f"MLflowLocalStorage-1.1-ExperimentPage-{json.dumps([target.experiment_id])}"
-        columns = [f"metrics.`{name}`" for name in target.table_metrics]
-        entries[f"{key}-ReactComponentState"] = json.dumps({"selectedColumns": columns})
-    return "".join(
-        f"localStorage.setItem({json.dumps(k)}, {json.dumps(v)});" for k, v in entries.items()
-    )
-
-
 @dataclass
 class MlflowResult:
     runs_png: Path
@@ -534,7 +520,7 @@ def check_mlflow(
     sort = "orderByKey=" + urllib.parse.quote("tags.`mlflow.runName`") + "&orderByAsc=true"
     runs_url = f"{base_url}/#/experiments/{target.experiment_id}/runs?{query}&{sort}"
     need = min(MIN_MLFLOW_NAMES, len(target.child_names))
-    page = browser.open(runs_url, _mlflow_preload(target))
+    page = browser.open(runs_url)
     try:
         shown = page.wait_for(
             NAMES_SHOWN.format(names=json.dumps(target.child_names)),
@@ -551,7 +537,7 @@ def check_mlflow(
         f"?{query}"
     )
     label = f"{target.run_name} ({target.metric})"
-    page = browser.open(metric_url, _mlflow_preload(target))
+    page = browser.open(metric_url)
     try:
         chart = page.wait_for(
             CHART_SHOWN.format(label=json.dumps(label)),
@@ -563,6 +549,95 @@ def check_mlflow(
     finally:
         page.close()
     return MlflowResult(runs_png, metric_png, shown, chart, runs_url, metric_url)
+
+
+# The three clicks of the README from MLflow's home page in a fresh browser profile.
+CLICK_TEXT = """(text => {{
+  const candidates = [...document.querySelectorAll('a'),
+                      ...document.querySelectorAll('button, label, span')];
+  const el = candidates.find(e => e.innerText && e.innerText.trim() === text);
+  if (!el) return false;
+  el.click();
+  return true;
+}})({text})"""
+CLICK_CHART_VIEW = """(() => {
+  const input = document.querySelector('input[name="runs-view-mode"][value="CHART"]');
+  if (!input) return false;
+  (input.closest('label') || input).click();
+  return true;
+})()"""
+# The bar chart titled `metric`: how many bars it draws, and the run names its card shows.
+BARS_SHOWN = """(metric => {{
+  for (const plot of document.querySelectorAll('.js-plotly-plot')) {{
+    let card = plot;
+    for (let depth = 0; card && depth < 8; depth++, card = card.parentElement) {{
+      if ((card.innerText || '').split('\\n').some(line => line.trim() === metric)) break;
+    }}
+    if (!card) continue;
+    const bars = plot.querySelectorAll('g.trace.bars g.point path, g.barlayer g.point path');
+    if (!bars.length) continue;
+    return {{metric: metric, bars: bars.length}};
+  }}
+  return null;
+}})({metric})"""
+
+
+def results_target(base_url: str, preferred: str = "Yahoo! R3") -> tuple[str, int] | None:
+    """A results experiment written by `make report` (the `preferred` data set's if there
+    is one) and its number of methods, or None."""
+    found = http_json(
+        f"{base_url}/api/2.0/mlflow/experiments/search",
+        {"max_results": 1000, "filter": "name LIKE 'ubo results: %'"},
+    ).get("experiments", [])
+    if not found:
+        return None
+    names = {e["name"]: e["experiment_id"] for e in found}
+    name = f"ubo results: {preferred}" if f"ubo results: {preferred}" in names else min(names)
+    return name, len(_mlflow_runs(base_url, names[name], ""))
+
+
+@dataclass
+class ResultsResult:
+    png: Path
+    clicks: list[str]
+    bars: int
+    url: str
+
+
+def check_results(
+    browser: Browser,
+    base_url: str,
+    experiment: str,
+    n_methods: int,
+    out_dir: Path,
+    metric: str = "dcg_at_3",
+    timeout: float = 60,
+) -> ResultsResult:
+    """README's path in a fresh profile: MLflow's home page, then "Model training", the
+    results experiment under "Recent Experiments", and the chart view; the `metric` chart
+    must draw one bar per method."""
+    page = browser.open(f"{base_url}/")
+    clicks = []
+    try:
+        for label, action in [
+            ("Model training", CLICK_TEXT.format(text=json.dumps("Model training"))),
+            (experiment, CLICK_TEXT.format(text=json.dumps(experiment))),
+            ("chart view", CLICK_CHART_VIEW),
+        ]:
+            page.wait_for(action, bool, f"MLflow: clicking {label!r}", timeout)
+            clicks.append(label)
+            time.sleep(1.0)  # the next page's elements replace this one's
+        shown = page.wait_for(
+            BARS_SHOWN.format(metric=json.dumps(metric)),
+            lambda value: bool(value) and value["bars"] >= n_methods,
+            f"MLflow chart view of {experiment!r} drawing {n_methods} bars of {metric}",
+            timeout,
+        )
+        url = page.evaluate("location.href")
+        png = page.screenshot(Path(out_dir) / "mlflow_results.png")
+    finally:
+        page.close()
+    return ResultsResult(png, clicks, shown["bars"], url)
 
 
 # -- Prefect ---------------------------------------------------------------------------------
@@ -736,7 +811,18 @@ def run(
             else:
                 prefect_api = start_prefect(processes, prefect_home or REPO / ".prefect", workdir)
                 print(f"prefect server at {prefect_api} on {prefect_home or REPO / '.prefect'}")
+        results_experiment = results_target(mlflow_url)
         with Browser(chromium, workdir) as browser:
+            if results_experiment is not None:
+                name, n_methods = results_experiment
+                results = check_results(browser, mlflow_url, name, n_methods, out_dir)
+                print(
+                    f"ok  MLflow home -> {' -> '.join(results.clicks)}: {results.bars} bars of "
+                    f"dcg_at_3 side by side: {results.png}"
+                )
+                saved.append(results.png)
+            else:
+                print("(no 'ubo results: ...' experiment yet: run `make report` first)")
             result = check_mlflow(browser, mlflow_url, target, out_dir)
             print(
                 f"ok  MLflow runs table shows {len(result.names_shown)} child run names "
