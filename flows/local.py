@@ -17,172 +17,34 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import fcntl
 import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
-import psutil
 import yaml
 
-REPO = Path(__file__).resolve().parents[1]
-STATE_DIR = REPO / ".prefect"
+from flows.services import (
+    REPO,
+    STATE_DIR,
+    Services,
+    exclusive_run,
+    free_port,
+    prefect,
+    report_locked_database,
+    service_env,
+    start_server,
+)
+
 SMOKE = {"seeds": [0], "epochs": 3}  # and one data set: smoke_dataset()
 CONTROL_POOL, CPU_POOL, GPU_POOL = "ubo-control", "ubo-cpu", "ubo-gpu"
-
-
-def service_env() -> dict[str, str]:
-    env = dict(os.environ)
-    env.setdefault("PREFECT_HOME", str(STATE_DIR))
-    env.setdefault("UBO_REPO", str(REPO))
-    # Offline machines: Prefect's and DVC's telemetry would only time out.
-    env["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
-    env["DO_NOT_TRACK"] = "1"
-    env["DVC_NO_ANALYTICS"] = "1"
-    # A Prefect client without an API URL would silently start a temporary server of its
-    # own on the same SQLite database: fail instead.
-    env["PREFECT_SERVER_EPHEMERAL_ENABLED"] = "false"
-    # SQLite takes one writer at a time. The late-runs service rewrites the state of every
-    # child still queued for a worker (most of a study's, for most of its hour) every 5 s;
-    # 84 of those writes met "database is locked" in one tuning run's server log. A child
-    # queued for a free worker is not late.
-    env.setdefault("PREFECT_SERVER_SERVICES_LATE_RUNS_ENABLED", "false")
-    env.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{REPO / 'mlflow.db'}")
-    return env
-
-
-class Services:
-    """Background Prefect processes (server, workers), each in its own process group with its
-    log under `log_dir`.
-
-    `stop` ends them and everything they started (flow-run processes that a worker put in a
-    session of their own included): SIGTERM, then SIGKILL after a grace period. The tests'
-    throwaway stacks (tests/test_flows.py) use the same class.
-    """
-
-    def __init__(self, log_dir: Path, env: dict[str, str]) -> None:
-        self.log_dir = log_dir
-        self.env = env
-        self.processes: list[tuple[str, subprocess.Popen, IO]] = []
-        log_dir.mkdir(parents=True, exist_ok=True)
-
-    def start(
-        self,
-        name: str,
-        prefect_args: list[str],
-        cwd: Path = REPO,
-        env: dict[str, str] | None = None,
-    ) -> subprocess.Popen:
-        """`python -m prefect <prefect_args>` in the background."""
-        log = open(self.log_dir / f"{name}.log", "w")  # noqa: SIM115 (closed by stop)
-        process = subprocess.Popen(
-            [sys.executable, "-m", "prefect", *prefect_args],
-            cwd=cwd,
-            env=env or self.env,
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        self.processes.append((name, process, log))
-        return process
-
-    def check_alive(self) -> None:
-        for name, process, _ in self.processes:
-            if process.poll() is not None:
-                raise RuntimeError(f"{name} exited ({process.returncode}):\n{self.tail(name)}")
-
-    def tail(self, name: str | None = None, lines: int = 40) -> str:
-        names = [name] if name else [n for n, _, _ in self.processes]
-        parts = []
-        for each in names:
-            path = self.log_dir / f"{each}.log"
-            text = path.read_text(errors="replace") if path.exists() else ""
-            parts.append(f"--- {each} ({path}) ---\n" + "\n".join(text.splitlines()[-lines:]))
-        return "\n".join(parts)
-
-    def _descendants(self) -> list[psutil.Process]:
-        found = []
-        for _, process, _ in self.processes:
-            with contextlib.suppress(psutil.Error):
-                found += psutil.Process(process.pid).children(recursive=True)
-        return found
-
-    def stop(self, grace: float = 15.0) -> None:
-        descendants = self._descendants()
-        for _, process, _ in reversed(self.processes):
-            if process.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(process.pid, signal.SIGTERM)
-        for child in descendants:
-            with contextlib.suppress(psutil.Error):
-                child.terminate()
-        deadline = time.monotonic() + grace
-        for name, process, _ in self.processes:
-            try:
-                process.wait(max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(process.pid, signal.SIGKILL)
-                process.wait(5)
-                print(f"killed {name}", file=sys.stderr)
-        _, alive = psutil.wait_procs(descendants, timeout=max(0.1, deadline - time.monotonic()))
-        for child in alive:
-            with contextlib.suppress(psutil.Error):
-                child.kill()
-        for _, _, log in self.processes:
-            log.close()
-        self.processes.clear()
-
-
-def prefect(
-    env: dict[str, str], *args: str, check: bool = True, cwd: Path = REPO
-) -> subprocess.CompletedProcess:
-    done = subprocess.run(
-        [sys.executable, "-m", "prefect", *args],
-        cwd=cwd,
-        env=env,
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    if check and done.returncode != 0:
-        raise RuntimeError(f"`prefect {' '.join(args)}` failed:\n{done.stdout}\n{done.stderr}")
-    return done
-
-
-def free_port(preferred: int | None = 4200) -> int:
-    """`preferred` if nothing listens there, else any free port."""
-    if preferred is not None:
-        with socket.socket() as probe:
-            if probe.connect_ex(("127.0.0.1", preferred)) != 0:
-                return preferred
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def wait_healthy(api_url: str, services: Services, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        services.check_alive()
-        with contextlib.suppress(OSError):
-            with urllib.request.urlopen(f"{api_url}/health", timeout=2) as response:
-                if response.status == 200:
-                    return
-        time.sleep(0.5)
-    raise RuntimeError(f"Prefect server at {api_url} not healthy after {timeout:.0f} s")
 
 
 def gpu_count() -> int:
@@ -206,33 +68,6 @@ def parse_params(pairs: list[str]) -> dict[str, Any]:
         key, _, value = pair.partition("=")
         params[key] = yaml.safe_load(value)
     return params
-
-
-def exclusive_run(prefect_home: Path, holder: str = "`python -m flows.local`") -> IO:
-    """Hold an exclusive lock on `<prefect_home>/flows-local.lock` until the returned file is
-    closed (or the process dies); `holder` names this process in it. A second run on the same
-    Prefect home would start a second server on the same SQLite database and reset the pools'
-    concurrency limits under the first run's workers; submit extra work to the running server
-    instead."""
-    prefect_home.mkdir(parents=True, exist_ok=True)
-    path = prefect_home / "flows-local.lock"
-    handle = open(path, "a+")  # noqa: SIM115 (held open: the lock lives as long as the file)
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        handle.seek(0)
-        held_by = " ".join(handle.read().split()) or "another process"
-        handle.close()
-        raise RuntimeError(
-            f"{path} is locked by a running {held_by}. Wait for it (or stop it), or submit to "
-            "its server: PREFECT_API_URL=<its api url> prefect deployment run "
-            "ubo/full-benchmark (or ubo/tune) --param ..."
-        ) from None
-    handle.seek(0)
-    handle.truncate()
-    handle.write(f"{holder} (pid {os.getpid()}, started {time.strftime('%Y-%m-%d %H:%M:%S')})\n")
-    handle.flush()
-    return handle
 
 
 # States a run of a stopped local run can be left in: none of them is final, and RUNNING,
@@ -291,38 +126,6 @@ def clear_orphans(env: dict[str, str]) -> int:
             for run_id in to_cancel:
                 client.set_flow_run_state(run_id, Cancelled(message=message), force=True)
     return len(to_crash) + len(to_cancel)
-
-
-def start_server(services: Services, env: dict[str, str], port: int) -> dict[str, str]:
-    """A Prefect server on 127.0.0.1:`port` whose UI talks to it; returns `env` with its API
-    URL, once it answers."""
-    api_url = f"http://127.0.0.1:{port}/api"
-    services.start(
-        "prefect-server",
-        ["server", "start", "--host", "127.0.0.1", "--port", str(port)],
-        # The UI's API address defaults to port 4200 whatever the server's port: it would
-        # show another server's runs.
-        env=env | {"PREFECT_SERVER_UI_API_URL": api_url},
-    )
-    env = env | {"PREFECT_API_URL": api_url}
-    services.env = env
-    wait_healthy(api_url, services)
-    return env
-
-
-def report_locked_database(server_log: Path) -> int:
-    """Say (one line) if the Prefect server's SQLite database was ever locked during the run:
-    the server retries, but the log holds a traceback for each time."""
-    if not server_log.is_file():
-        return 0
-    count = server_log.read_text(errors="replace").count("database is locked")
-    if count:
-        print(
-            f"note: the Prefect server's SQLite database was locked {count} time(s) (tracebacks "
-            f"in {server_log}); Prefect retried them. If runs fail or hang, SQLite cannot keep "
-            "up here: run the server on PostgreSQL (README, Several machines)."
-        )
-    return count
 
 
 @contextlib.contextmanager

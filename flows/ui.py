@@ -23,7 +23,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from flows.local import REPO, STATE_DIR, Services, exclusive_run, service_env, start_server
+from flows.services import REPO, STATE_DIR, Services, exclusive_run, service_env, start_server
 
 
 def port_taken(port: int) -> bool:

@@ -1,6 +1,6 @@
 """Helpers of tests/test_flows.py: a throwaway copy of the repository and a test-only fault
 hook. The background services (Prefect server and workers as process groups, always stopped)
-are flows/local.py's `Services`, the same class `make benchmark` uses.
+are flows/services.py's `Services`, the same class `make benchmark` uses.
 
 Nothing here touches the repository itself: logs, Prefect's database, MLflow's store and the
 processed data all live under the test's temporary directory.

@@ -43,12 +43,11 @@ from mlflow.entities import Run, ViewType
 from test_tracking import write_processed
 
 from flows import run_identity, study
-from flows.local import (
+from flows.local import clear_orphans, orphans
+from flows.services import (
     Services,
-    clear_orphans,
     exclusive_run,
     free_port,
-    orphans,
     prefect,
     service_env,
     start_server,
