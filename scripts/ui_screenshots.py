@@ -57,6 +57,8 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from flows.ui import mlflow_command
+
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_EXPERIMENT = "ubo"
 WINDOW = (1400, 900)
@@ -478,20 +480,7 @@ def start_mlflow(processes: Processes, tracking_uri: str, workdir: Path) -> str:
     port = free_port()
     process = processes.start(
         "mlflow-server",
-        [
-            sys.executable,
-            "-m",
-            "mlflow",
-            "server",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--workers",
-            "1",
-            "--backend-store-uri",
-            absolute_store_uri(tracking_uri),
-        ],
+        mlflow_command(absolute_store_uri(tracking_uri), port),  # what `make ui` starts
         # No job runner (7 extra processes, unused by the UI pages checked here).
         env=_service_env(MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false"),
         cwd=workdir,  # its default ./mlartifacts lands in the throwaway directory
