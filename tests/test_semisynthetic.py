@@ -135,8 +135,8 @@ CONFIG = SemisyntheticConfig(
 )
 # Both sources keep their 3 most popular items and the users with >= 2 interactions on them.
 SUBSET = CatalogEntry(n_items=3, min_user_interactions=2)
-ML100K = Dataset("ml100k", SEMISYNTHETIC, "ML-100K", SUBSET, BUILTINS["ml100k"].source)
-AMAZON = Dataset("amazon_cds", SEMISYNTHETIC, "Amazon CDs", SUBSET, BUILTINS["amazon_cds"].source)
+ML100K = Dataset("ml100k", SEMISYNTHETIC, "ML-100K", SUBSET, None, BUILTINS["ml100k"].read)
+AMAZON = Dataset("amazon_cds", SEMISYNTHETIC, "Amazon", SUBSET, None, BUILTINS["amazon_cds"].read)
 
 
 @pytest.fixture(scope="module")

@@ -23,6 +23,17 @@ T = TypeVar("T")
 
 # A data set's name is a folder name and part of DVC's stage names (download@<name>).
 DATASET_NAME = re.compile(r"[a-z][a-z0-9_]*")
+# The two kinds of data set: implicit feedback with a random-exposure test set (evaluated on
+# it), or a source from which ground-truth relevance and exposure are generated.
+REAL, SEMISYNTHETIC = "real", "semisynthetic"
+# The built-in data sets and their kinds; ubo_core/datasets/registry.py adds each one's
+# source and reader. Any other catalog name is your own CSV data.
+BUILTIN_KINDS: dict[str, str] = {
+    "coat": REAL,
+    "yahoo": REAL,
+    "ml100k": SEMISYNTHETIC,
+    "amazon_cds": SEMISYNTHETIC,
+}
 
 
 def check_dataset(name: str, allowed: Iterable[str]) -> str:
@@ -278,11 +289,12 @@ class Params:
     def __post_init__(self) -> None:
         if not self.catalog:
             raise ConfigError("catalog", "names no data set")
-        for name in self.catalog:
+        for name, entry in self.catalog.items():
             if not DATASET_NAME.fullmatch(name):
                 raise ConfigError(
                     f"catalog.{name}", "a data set name is lower-case letters, digits and _"
                 )
+            _check_catalog_entry(name, entry)
         for where, names in (("datasets", self.datasets), ("tuning.trials", self.tuning.trials)):
             for name in names:
                 if name not in self.catalog:
@@ -290,6 +302,35 @@ class Params:
                         f"{where}.{name}",
                         f"unknown data set; expected one of the catalog's {list(self.catalog)}",
                     )
+
+
+def dataset_kind(name: str, entry: CatalogEntry) -> str:
+    """REAL or SEMISYNTHETIC: a built-in's kind, or for your own data whether it has a test
+    file."""
+    if name in BUILTIN_KINDS:
+        return BUILTIN_KINDS[name]
+    return REAL if entry.test else SEMISYNTHETIC
+
+
+def _check_catalog_entry(name: str, entry: CatalogEntry) -> None:
+    if name in BUILTIN_KINDS and (entry.train or entry.test):
+        raise ConfigError(
+            f"catalog.{name}",
+            f"{name!r} is a built-in data set (its files come from its source); "
+            "your own data needs another name",
+        )
+    if name not in BUILTIN_KINDS and not entry.train:
+        raise ConfigError(
+            f"catalog.{name}",
+            f"not a built-in data set ({', '.join(BUILTIN_KINDS)}); your own data names its "
+            "CSV files: train (and test for a random-exposure test set)",
+        )
+    if dataset_kind(name, entry) == REAL and (entry.n_items or entry.min_user_interactions != 1):
+        raise ConfigError(
+            f"catalog.{name}",
+            "n_items and min_user_interactions pick a semi-synthetic source's part; "
+            "a real data set is used whole",
+        )
 
 
 def load_params(path: str | Path = "params.yaml") -> Params:
@@ -301,12 +342,8 @@ def load_params(path: str | Path = "params.yaml") -> Params:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as error:
         raise ConfigError("(file)", f"not valid YAML ({error})", source=path) from error
-    # The registry checks the catalog's names against its built-ins (it imports this module).
-    from ubo_core.datasets.registry import check_catalog
-
     try:
         params = build(Params, raw if raw is not None else {}, "")
-        check_catalog(params)
     except ConfigError as error:
         raise ConfigError(error.key, str(error).split(": ", 2)[-1], source=path) from None
     return params

@@ -25,7 +25,7 @@ from ubo_core.errors import DataError
 from ubo_core.fileio import atomic_path, sha256_file
 
 if TYPE_CHECKING:
-    from ubo_core.datasets.registry import Dataset
+    from ubo_core.datasets.dataset import Dataset
 
 MIRROR_ENV = "UBO_DATA_MIRROR"
 

@@ -15,7 +15,7 @@ from ubo_core.datasets.readers import RealFeedback, read_rating_matrix, read_rat
 from ubo_core.errors import DataError
 
 if TYPE_CHECKING:
-    from ubo_core.datasets.registry import Dataset
+    from ubo_core.datasets.dataset import Dataset
 
 COAT_SHAPE = (290, 300)
 YAHOO_SHAPE = (15_400, 1_000)

@@ -52,7 +52,7 @@ from ubo_core.datasets.readers import Interactions
 from ubo_core.errors import DataError
 
 if TYPE_CHECKING:
-    from ubo_core.datasets.registry import Dataset
+    from ubo_core.datasets.dataset import Dataset
 
 # ML-100K's rating mean and standard deviation, used to give Amazon's pseudo-ratings the
 # same scale (so one eps means comparable relevance levels on both sets).
