@@ -42,6 +42,7 @@ from flows.services import (
     service_env,
     start_server,
 )
+from ubo_core.errors import UboError
 
 SMOKE = {"seeds": [0], "epochs": 3}  # and one data set: smoke_dataset()
 CONTROL_POOL, CPU_POOL, GPU_POOL = "ubo-control", "ubo-cpu", "ubo-gpu"
@@ -65,8 +66,16 @@ def smoke_dataset() -> str:
 def parse_params(pairs: list[str]) -> dict[str, Any]:
     params: dict[str, Any] = {}
     for pair in pairs:
-        key, _, value = pair.partition("=")
-        params[key] = yaml.safe_load(value)
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise RuntimeError(f"--param: expected key=value, got {pair!r}")
+        try:
+            params[key] = yaml.safe_load(value)
+        except yaml.YAMLError as error:
+            problem = str(error).splitlines()[0]
+            raise RuntimeError(
+                f"--param: {pair!r}: the value is not valid YAML ({problem})"
+            ) from None
     return params
 
 
@@ -271,10 +280,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     parameters: dict[str, Any] = {}
-    if args.smoke:
-        parameters = {"datasets": [smoke_dataset()]}
-        parameters |= SMOKE if args.flow == "benchmark" else {"n_trials": 2}
-    parameters |= parse_params(args.param)
+    try:
+        if args.smoke:
+            parameters = {"datasets": [smoke_dataset()]}
+            parameters |= SMOKE if args.flow == "benchmark" else {"n_trials": 2}
+        parameters |= parse_params(args.param)
+    except (RuntimeError, UboError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
     # Several CPU workers share the cores: one torch thread each unless told otherwise.
     if args.cpu_workers > 1:
         parameters.setdefault("overrides", {}).setdefault("threads", 1)

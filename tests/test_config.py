@@ -118,6 +118,29 @@ def test_bad_params_name_the_file_and_key(tmp_path, text, key, problem):
     assert problem in message
 
 
+@pytest.mark.parametrize(
+    ("text", "key", "problem"),
+    [
+        ("train:\n  lr: .nan\n", "train.lr", "expected a finite number, got nan"),
+        ("train:\n  lr: .inf\n", "train.lr", "expected a finite number, got inf"),
+        (
+            "validation:\n  active_user_fraction: .nan\n",
+            "validation.active_user_fraction",
+            "expected a finite number, got nan",
+        ),
+        ("train:\n  lr: 0.1\n  dim: 8\n  lr: 0.2\n", "train.lr", "given twice (lines 2 and 4)"),
+        ("train: {lr: 0.1}\ntrain: {lr: 0.2}\n", "train", "given twice (lines 1 and 2)"),
+    ],
+)
+def test_nan_inf_and_duplicate_keys_are_refused(tmp_path, text, key, problem):
+    """Issue 14, faults 5 and 6: NaN passed every range check and a repeated key silently
+    took the last value."""
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as caught:
+        load_params(path)
+    assert str(caught.value) == f"{path}: {key}: {problem}"
+
+
 def test_missing_and_invalid_yaml(tmp_path):
     with pytest.raises(ConfigError, match="not found"):
         load_params(tmp_path / "nope.yaml")

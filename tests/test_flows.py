@@ -638,3 +638,21 @@ def test_make_ui_on_a_taken_port_fails_at_once_naming_it(tmp_path):
     assert done.returncode == 1
     assert done.stderr.startswith(f"error: port {port} is taken")
     assert time.monotonic() - started < 30
+
+
+def test_a_bad_param_of_the_local_runner_is_one_line_naming_the_flag(tmp_path):
+    """Issue 14, fault 8: a YAML error in --param printed a traceback."""
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-m", "flows.local", "--param", "methods=[ubo,"],
+        cwd=REPO,
+        env=os.environ | {"PREFECT_HOME": str(tmp_path)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 1
+    assert done.stderr.startswith("error: --param: 'methods=[ubo,': the value is not valid YAML")
+    assert done.stderr.count("\n") == 1

@@ -74,7 +74,10 @@ def test_malformed_row_stops_with_file_and_line_and_writes_nothing(tmp_path, cap
 @pytest.mark.parametrize(
     ("argv", "expected"),
     [
-        (["prepare", "movielens"], "unknown data set 'movielens'; expected one of ['coat', "),
+        (
+            ["prepare", "movielens"],
+            "error: dataset argument: unknown data set 'movielens'; expected one of params.yaml's",
+        ),
         (["validation", "coat"], "not found; run `dvc repro prepare@coat` first"),
         (["prepare", "coat"], "raw data missing; run `dvc repro download@coat` first"),
     ],

@@ -10,7 +10,7 @@ from test_tracking import write_processed  # the shared tiny processed data set
 
 from ubo_core.config import Params, load_params
 from ubo_core.data import FeedbackData
-from ubo_core.errors import ConfigError
+from ubo_core.errors import ConfigError, UsageError
 from ubo_core.methods import METHODS, check_method_params, resolve_config
 from ubo_core.methods.relmf import RelMFHyper
 from ubo_core.train import main, parse_overrides
@@ -50,9 +50,10 @@ def test_layers_override_in_order(tmp_path):
         ("methods:\n  ubo:\n    clip: 0.1\n", "methods.ubo.clip"),
         ("methods:\n  ubx: {}\n", "method"),
         ("datasets:\n  movielens:\n    ubo: {}\n", "datasets.movielens"),
-        ("datasets:\n  coat:\n    ubo:\n      inner_lr: -1\n", "methods.ubo.inner_lr"),
+        # The section the bad value is written in (issue 14, fault 12).
+        ("datasets:\n  coat:\n    ubo:\n      inner_lr: -1\n", "datasets.coat.ubo.inner_lr"),
         ("methods:\n  relmf:\n    clip: 2\n", "methods.relmf.clip"),
-        ("methods:\n  umf:\n    lr: fast\n", "train.lr"),
+        ("methods:\n  umf:\n    lr: fast\n", "methods.umf.lr"),
     ],
 )
 def test_bad_method_params_fail_at_load_naming_the_key(tmp_path, yaml_text, key):
@@ -74,7 +75,7 @@ def test_parse_overrides_types_values_like_yaml():
         "mode": "dense",
         "epochs": 3,
     }
-    with pytest.raises(ConfigError, match="expected key=value"):
+    with pytest.raises(UsageError, match="--set: expected key=value"):
         parse_overrides(["lr"])
 
 
@@ -118,7 +119,40 @@ def test_cli_unknown_method_and_key(tmp_path, capsys):
     assert "unknown method 'mf'" in capsys.readouterr().err
     argv = ["--dataset", "coat", "--method", "ubo", "--params", str(params), "--set", "clip=1"]
     assert main(argv) == 1
-    assert "--set.clip: unknown key for method 'ubo'" in capsys.readouterr().err
+    assert "command line: --set clip: unknown key for method 'ubo'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["--method", "ubo2"], "error: --method: unknown method 'ubo2'; expected one of ["),
+        (["--dataset", "coatx"], "error: --dataset: unknown data set 'coatx'; expected one of"),
+        (["--seed", "-1"], "error: --seed: -1 is negative; a seed is 0 or more"),
+        (["--set", "lr=[1,"], "error: --set: 'lr=[1,': the value is not valid YAML ("),
+        (["--set", "lr=-1"], "error: command line: --set lr: -1.0 is out of range"),
+        (["--set", "lr=.nan"], "error: command line: --set lr: expected a finite number, got nan"),
+    ],
+)
+def test_command_line_mistakes_name_the_flag_in_one_line(tmp_path, capsys, argv, expected):
+    """Issue 14, faults 8 and 12: a mistake on the command line is blamed on the flag, not on
+    params.yaml, in one line and without a traceback."""
+    params = tiny_processed(tmp_path)
+    base = {"--dataset": "coat", "--method": "umf", "--epochs": "1"}
+    for flag, value in zip(argv[::2], argv[1::2], strict=True):
+        base[flag] = value
+    args = [word for pair in base.items() for word in pair if pair[0] != "--set"]
+    args += [*(["--set", base["--set"]] if "--set" in base else []), "--params", str(params)]
+    assert main([*args, "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(expected), err
+    assert err.count("\n") == 1
+
+
+def test_a_bad_value_in_params_yaml_is_blamed_on_its_section(tmp_path, capsys):
+    params = tiny_processed(tmp_path)
+    params.write_text(params.read_text() + "methods:\n  umf:\n    lr: -1\n")
+    assert main(["--dataset", "coat", "--method", "umf", "--params", str(params)]) == 1
+    assert "error: params.yaml: methods.umf.lr: -1.0 is out of range" in capsys.readouterr().err
 
 
 def test_training_that_diverges_stops_with_a_clear_error(tmp_path, monkeypatch):

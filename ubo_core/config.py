@@ -7,6 +7,7 @@ values raise `ConfigError` naming the dotted key. Nothing else in `ubo_core` rea
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import types
 import typing
@@ -339,7 +340,9 @@ def load_params(path: str | Path = "params.yaml") -> Params:
     if not path.is_file():
         raise ConfigError("(file)", "not found", source=path)
     try:
-        raw = yaml.safe_load(path.read_text())
+        text = path.read_text()
+        _check_duplicate_keys(yaml.compose(text), "", path)
+        raw = yaml.safe_load(text)
     except yaml.YAMLError as error:
         raise ConfigError("(file)", f"not valid YAML ({error})", source=path) from error
     try:
@@ -347,6 +350,25 @@ def load_params(path: str | Path = "params.yaml") -> Params:
     except ConfigError as error:
         raise ConfigError(error.key, str(error).split(": ", 2)[-1], source=path) from None
     return params
+
+
+def _check_duplicate_keys(node: yaml.Node | None, prefix: str, path: Path) -> None:
+    """A key given twice in one mapping (YAML keeps the last one silently) is an error naming
+    the dotted key and both lines."""
+    if isinstance(node, yaml.MappingNode):
+        seen: dict[str, int] = {}
+        for key_node, value_node in node.value:
+            key = str(key_node.value)
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                raise ConfigError(
+                    f"{prefix}{key}", f"given twice (lines {seen[key]} and {line})", source=path
+                )
+            seen[key] = line
+            _check_duplicate_keys(value_node, f"{prefix}{key}.", path)
+    elif isinstance(node, yaml.SequenceNode):
+        for index, item in enumerate(node.value):
+            _check_duplicate_keys(item, f"{prefix.rstrip('.')}[{index}].", path)
 
 
 def build(cls: type[T], raw: Any, prefix: str) -> T:
@@ -407,6 +429,8 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
     if hint is float:
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ConfigError(key, f"expected a number, got {value!r}")
+        if not math.isfinite(value):  # NaN passes every range check; inf is no setting
+            raise ConfigError(key, f"expected a finite number, got {value!r}")
         return float(value)
     if hint is str:
         if not isinstance(value, str):

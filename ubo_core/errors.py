@@ -34,6 +34,14 @@ class ConfigError(UboError):
         self.key = key
 
 
+class UsageError(UboError):
+    """A bad command line: the message names the flag or argument, not params.yaml."""
+
+    def __init__(self, flag: str, problem: str) -> None:
+        super().__init__(f"{flag}: {problem}")
+        self.flag = flag
+
+
 class DataError(UboError):
     """A bad or missing data file; the message names the file and the problem."""
 

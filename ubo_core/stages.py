@@ -24,7 +24,7 @@ from ubo_core.config import Params, load_params
 from ubo_core.data import DATASET_FILE, FeedbackData
 from ubo_core.datasets.download import MIRROR_ENV, download_dataset
 from ubo_core.datasets.registry import REAL, get_dataset
-from ubo_core.errors import DataError, UboError
+from ubo_core.errors import DataError, UboError, UsageError
 from ubo_core.fileio import read_json, write_json
 
 SUMMARY_FILE = "summary.json"
@@ -171,6 +171,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         params = load_params(args.params)
+        for name in args.datasets:
+            if name not in params.catalog:
+                raise UsageError(
+                    "dataset argument",
+                    f"unknown data set {name!r}; expected one of params.yaml's catalog "
+                    f"{list(params.catalog)}",
+                )
         if args.stage == "summary":
             print(summary_table(params, args.datasets or list(params.catalog)))
             return 0

@@ -19,7 +19,7 @@ import yaml
 
 from ubo_core.config import load_params
 from ubo_core.data import load_processed
-from ubo_core.errors import ConfigError, UboError
+from ubo_core.errors import UboError, UsageError
 from ubo_core.methods import METHODS, check_method_params, resolve_config
 from ubo_core.trainer import FitResult, fit
 
@@ -30,8 +30,14 @@ def parse_overrides(pairs: Sequence[str]) -> dict[str, Any]:
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key:
-            raise ConfigError("--set", f"expected key=value, got {pair!r}")
-        overrides[key.strip()] = yaml.safe_load(value)
+            raise UsageError("--set", f"expected key=value, got {pair!r}")
+        try:
+            overrides[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError as error:
+            problem = str(error).splitlines()[0]
+            raise UsageError(
+                "--set", f"{pair!r}: the value is not valid YAML ({problem})"
+            ) from None
     return overrides
 
 
@@ -69,7 +75,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     try:
+        if args.seed < 0:
+            raise UsageError("--seed", f"{args.seed} is negative; a seed is 0 or more")
+        if args.method not in METHODS:
+            raise UsageError(
+                "--method", f"unknown method {args.method!r}; expected one of {list(METHODS)}"
+            )
         params = load_params(args.params)
+        if args.dataset not in params.catalog:
+            raise UsageError(
+                "--dataset",
+                f"unknown data set {args.dataset!r}; expected one of params.yaml's catalog "
+                f"{list(params.catalog)}",
+            )
         check_method_params(params)
         overrides = parse_overrides(args.set)
         for key in ("mode", "device", "epochs"):

@@ -61,6 +61,7 @@ def resolve_config(
         (f"datasets.{dataset}.{method}", params.datasets.get(dataset, {}).get(method, {})),
         ("--set", overrides or {}),
     ]
+    origin: dict[str, str] = {}  # key -> the layer that set it last, for error messages
     for where, layer in layers:
         if not isinstance(layer, Mapping):
             raise ConfigError(where, "expected a mapping")
@@ -71,12 +72,26 @@ def resolve_config(
                 hyper_values[key] = value
             else:
                 known = sorted(train_keys | hyper_keys)
-                raise ConfigError(
-                    f"{where}.{key}", f"unknown key for method {method!r}; expected one of {known}"
+                raise _layer_error(
+                    where, key, f"unknown key for method {method!r}; expected one of {known}"
                 )
-    return build(TrainConfig, train_values, "train."), build(
-        cls.Hyper, hyper_values, f"methods.{method}."
-    )
+            origin[key] = where
+    try:
+        return build(TrainConfig, train_values, "train."), build(
+            cls.Hyper, hyper_values, f"methods.{method}."
+        )
+    except ConfigError as error:
+        # Name the layer the bad value came from (params.yaml's section or the command line).
+        key = error.key.rsplit(".", 1)[-1]
+        if key not in origin:
+            raise
+        raise _layer_error(origin[key], key, str(error).split(": ", 2)[-1]) from None
+
+
+def _layer_error(where: str, key: str, problem: str) -> ConfigError:
+    if where == "--set":
+        return ConfigError(f"--set {key}", problem, source="command line")
+    return ConfigError(f"{where}.{key}", problem)
 
 
 def check_method_params(params: Params) -> None:
