@@ -546,11 +546,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("command", choices=["show", "apply", "summary"])
     parser.add_argument("--experiment", default=EXPERIMENT)
     parser.add_argument("--params", default=None, help="params.yaml to write (default: the repo's)")
+    parser.add_argument(
+        "--datasets",
+        nargs="+",
+        help="show/apply only these data sets' studies (a partial re-tune); the block keeps "
+        "every other pair as params.yaml has it",
+    )
     args = parser.parse_args(argv)
     repo = _repo()
     tracking.configure(None, repo)
     try:
         chosen = latest_choices(tracking.get_experiment_id(args.experiment, repo))
+        if args.datasets:
+            chosen = {d: methods for d, methods in chosen.items() if d in args.datasets}
         if not chosen:
             raise UboError(f"no finished tuning study in MLflow experiment {args.experiment!r}")
         if args.command == "summary":
