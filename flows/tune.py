@@ -525,7 +525,9 @@ def summary_markdown(experiment_id: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _header(experiment: str, kept: Sequence[str] = ()) -> str:
+def _header(
+    experiment: str, kept: Sequence[str] = (), only: Sequence[str] = (), note: str = ""
+) -> str:
     text = (
         f"Chosen by `ubo/tune` (MLflow experiment {experiment!r}): per (data set, method) the\n"
         f"best trial by {OBJECTIVE} on the hyper-validation set (SNIPS; the test set is never\n"
@@ -533,9 +535,12 @@ def _header(experiment: str, kept: Sequence[str] = ()) -> str:
         "the `tuning` section above; docs/TUNING.md."
     )
     if kept:
-        text += "\nKept from the previous params.yaml (no study in this store):\n" + "\n".join(
+        why = f"not in --datasets {' '.join(only)}" if only else "no study in this store"
+        text += f"\nKept from the previous params.yaml ({why}):\n" + "\n".join(
             textwrap.wrap(", ".join(kept), 88)
         )
+    if note:
+        text += "\n" + "\n".join(textwrap.wrap(note, 88))
     return text
 
 
@@ -552,6 +557,7 @@ def main(argv: list[str] | None = None) -> int:
         help="show/apply only these data sets' studies (a partial re-tune); the block keeps "
         "every other pair as params.yaml has it",
     )
+    parser.add_argument("--note", default="", help="a reviewer's note for the block's header")
     args = parser.parse_args(argv)
     repo = _repo()
     tracking.configure(None, repo)
@@ -566,7 +572,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         target = Path(args.params) if args.params else repo / "params.yaml"
         merged, kept = merged_choices(load_params(target), chosen)
-        block = tuned_block(merged, header=_header(args.experiment, kept))
+        header = _header(args.experiment, kept, args.datasets or (), args.note)
+        block = tuned_block(merged, header=header)
         if args.command == "show":
             print(block, end="")
             return 0
