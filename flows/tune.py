@@ -215,7 +215,9 @@ def summary_markdown(experiment_id: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _header(experiment: str, kept: Sequence[str] = ()) -> str:
+def _header(
+    experiment: str, kept: Sequence[str] = (), only: Sequence[str] = (), note: str = ""
+) -> str:
     text = (
         f"Chosen by `ubo/tune` (MLflow experiment {experiment!r}): per (data set, method) the\n"
         f"best trial by {OBJECTIVE} on the hyper-validation set (SNIPS; the test set is never\n"
@@ -223,9 +225,12 @@ def _header(experiment: str, kept: Sequence[str] = ()) -> str:
         "the `tuning` section above; docs/TUNING.md."
     )
     if kept:
-        text += "\nKept from the previous params.yaml (no study in this store):\n" + "\n".join(
+        why = f"not in --datasets {' '.join(only)}" if only else "no study in this store"
+        text += f"\nKept from the previous params.yaml ({why}):\n" + "\n".join(
             textwrap.wrap(", ".join(kept), 88)
         )
+    if note:
+        text += "\n" + "\n".join(textwrap.wrap(note, 88))
     return text
 
 
@@ -236,11 +241,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("command", choices=["show", "apply", "summary"])
     parser.add_argument("--experiment", default=EXPERIMENT)
     parser.add_argument("--params", default=None, help="params.yaml to write (default: the repo's)")
+    parser.add_argument(
+        "--datasets",
+        nargs="+",
+        help="show/apply only these data sets' studies (a partial re-tune); the block keeps "
+        "every other pair as params.yaml has it",
+    )
+    parser.add_argument("--note", default="", help="a reviewer's note for the block's header")
     args = parser.parse_args(argv)
     repo = repo_root()
     store.configure(None, repo)
     try:
         chosen = latest_choices(store.get_experiment_id(args.experiment, repo))
+        if args.datasets:
+            chosen = {d: methods for d, methods in chosen.items() if d in args.datasets}
         if not chosen:
             raise UboError(f"no finished tuning study in MLflow experiment {args.experiment!r}")
         if args.command == "summary":
@@ -249,7 +263,8 @@ def main(argv: list[str] | None = None) -> int:
         target = Path(args.params) if args.params else repo / "params.yaml"
         params = load_params(target)
         merged, kept = merged_choices(params, chosen)
-        block = tuned_block(merged, header=_header(args.experiment, kept), order=params.catalog)
+        header = _header(args.experiment, kept, args.datasets or (), args.note)
+        block = tuned_block(merged, header=header, order=params.catalog)
         if args.command == "show":
             print(block, end="")
             return 0

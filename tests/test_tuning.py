@@ -11,6 +11,7 @@ from pathlib import Path
 import mlflow
 import numpy as np
 import pytest
+import yaml
 from mlflow import MlflowClient
 
 from flows import run_identity, store
@@ -313,3 +314,21 @@ def test_apply_keeps_the_pairs_the_store_did_not_tune(tmp_path):
         "ml100k": {"ubo": {"epochs": 3}},
     }
     assert kept == ["coat/bpr", "yahoo/umf"]
+
+
+def test_apply_for_some_data_sets_takes_only_their_studies(tmp_path, monkeypatch, capsys):
+    """`flows.tune show|apply --datasets ...`: a re-tune of some data sets leaves the other
+    data sets' pairs as params.yaml has them, even where the store holds later studies (a
+    hand-kept choice stays)."""
+    from flows import tune as tune_cli
+
+    path = write_params(tmp_path)
+    path.write_text(path.read_text() + "datasets:\n  coat:\n    umf: {epochs: 5}\n")
+    monkeypatch.setattr(tune_cli.store, "configure", lambda *args: None)
+    monkeypatch.setattr(tune_cli.store, "get_experiment_id", lambda *args: "0")
+    store = {"coat": {"umf": {"epochs": 2}}, "ml100k": {"umf": {"epochs": 3}}}
+    monkeypatch.setattr(tune_cli, "latest_choices", lambda experiment_id: store)
+    argv = ["show", "--params", str(path), "--datasets", "ml100k"]
+    assert tune_cli.main(argv) == 0
+    block = yaml.safe_load(capsys.readouterr().out)["datasets"]
+    assert block == {"coat": {"umf": {"epochs": 5}}, "ml100k": {"umf": {"epochs": 3}}}
