@@ -225,7 +225,9 @@ def _header(
         "the `tuning` section above; docs/TUNING.md."
     )
     if kept:
-        why = f"not in --datasets {' '.join(only)}" if only else "no study in this store"
+        why = "no study in this store"
+        if only:  # a kept pair of a selected data set is one without a study
+            why = f"outside --datasets {' '.join(only)}, or {why}"
         text += f"\nKept from the previous params.yaml ({why}):\n" + "\n".join(
             textwrap.wrap(", ".join(kept), 88)
         )
@@ -256,7 +258,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.datasets:
             chosen = {d: methods for d, methods in chosen.items() if d in args.datasets}
         if not chosen:
-            raise UboError(f"no finished tuning study in MLflow experiment {args.experiment!r}")
+            among = f" of data sets {args.datasets}" if args.datasets else ""
+            raise UboError(
+                f"no finished tuning study{among} in MLflow experiment {args.experiment!r}"
+            )
         if args.command == "summary":
             print(summary_markdown(store.get_experiment_id(args.experiment, repo)), end="")
             return 0
