@@ -11,6 +11,8 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+from params_file import write_params
+
 REPO = Path(__file__).resolve().parents[1]
 
 # Loaded as `sitecustomize` by the training workers and the flow runs they start, because
@@ -98,12 +100,13 @@ def make_repo_copy(root: Path) -> Path:
         shutil.copytree(REPO / package, repo / package, ignore=ignore)
     for name in ("prefect.yaml", "pyproject.toml"):
         shutil.copy2(REPO / name, repo / name)
-    (repo / "params.yaml").write_text(
+    write_params(
+        repo / "params.yaml",
         "data:\n  processed_dir: data/processed\n"
         "train:\n  epochs: 4\n"  # the benchmark scenarios pass their own epochs
         "tuning:\n  trials: {coat: 3}\n  startup_trials: 2\n  prune_after_epochs: 2\n"
         "  space:\n"
         "    umf: {lr: {low: 0.01, high: 0.1, log: true}}\n"
-        "    ubo: {lr: {low: 0.01, high: 0.1, log: true}}\n"
+        "    ubo: {lr: {low: 0.01, high: 0.1, log: true}}\n",
     )
     return repo

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from params_file import write_params
 
 from ubo_core.data import FeedbackData
 from ubo_core.metrics import RankingTask, expected_random_dcg, ranking_metrics
@@ -41,10 +42,11 @@ pytestmark = [
 def coat(tmp_path_factory) -> FeedbackData:
     root = tmp_path_factory.mktemp("coat")
     params = root / "params.yaml"
-    params.write_text(
+    write_params(
+        params,
         "data:\n"
         f"  raw_dir: {root / 'raw'}\n  interim_dir: {root / 'interim'}\n"
-        f"  processed_dir: {root / 'processed'}\n  manual_dir: {root / 'manual'}\n"
+        f"  processed_dir: {root / 'processed'}\n  manual_dir: {root / 'manual'}\n",
     )
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("UBO_DATA_MIRROR", str(MIRROR))

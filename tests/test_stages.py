@@ -4,6 +4,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from params_file import write_params
 
 from ubo_core.data import FeedbackData
 from ubo_core.datasets.real import COAT_SHAPE
@@ -12,12 +13,13 @@ from ubo_core.stages import main
 
 def make_params(tmp_path: Path, extra: str = "") -> Path:
     path = tmp_path / "params.yaml"
-    path.write_text(
+    write_params(
+        path,
         "data:\n"
         f"  raw_dir: {tmp_path / 'raw'}\n"
         f"  interim_dir: {tmp_path / 'interim'}\n"
         f"  processed_dir: {tmp_path / 'processed'}\n"
-        f"  manual_dir: {tmp_path / 'manual'}\n" + extra
+        f"  manual_dir: {tmp_path / 'manual'}\n" + extra,
     )
     return path
 
