@@ -23,7 +23,15 @@ import time
 import urllib.request
 from pathlib import Path
 
-from flows.services import REPO, STATE_DIR, Services, exclusive_run, service_env, start_server
+from flows.services import (
+    REPO,
+    STATE_DIR,
+    Services,
+    exclusive_run,
+    report_leftovers,
+    service_env,
+    start_server,
+)
 
 
 def port_taken(port: int) -> bool:
@@ -124,6 +132,7 @@ def main(argv: list[str] | None = None) -> int:
             # Held while the UI runs: a `make benchmark` started meanwhile says so and stops,
             # rather than start a second server on the same database.
             lock = exclusive_run(home, holder="`make ui PREFECT=1` (python -m flows.ui)")
+            report_leftovers(home)
             api_url = f"http://127.0.0.1:{args.prefect_port}/api"
             lock.write(f"its server: {api_url}\n")
             lock.flush()

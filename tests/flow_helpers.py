@@ -21,7 +21,8 @@ FAULT_HOOK = '''"""Test-only fault injection (tests/test_flows.py).
 
 While the file named by $UBO_TEST_FAULT_FILE exists and holds "<method> <seed>", training that
 (method, seed) crashes right after its first epoch was reported (and logged to MLflow), like
-a worker dying mid-run. `ubo_core.trainer.fit` is wrapped when the module is first imported
+a worker dying mid-run; with "<method> <seed> hang" it hangs there instead (a test then kills
+its process). `ubo_core.trainer.fit` is wrapped when the module is first imported
 (a meta path hook), whichever copy of ubo_core the flow run imports. Deleting the file fixes
 the fault.
 """
@@ -36,10 +37,10 @@ FAULT_FILE = os.environ.get("UBO_TEST_FAULT_FILE")
 def _target():
     try:
         with open(FAULT_FILE) as handle:
-            method, seed = handle.read().split()
+            method, seed, *mode = handle.read().split()
     except (OSError, ValueError):
         return None
-    return method, int(seed)
+    return method, int(seed), mode == ["hang"]
 
 
 def _wrap(module):
@@ -48,12 +49,17 @@ def _wrap(module):
     def fit_with_fault(
         method_name, data, train, hyper, seed, callback=None, progress=True, **kwargs
     ):
-        if _target() != (method_name, int(seed)):
+        target = _target()
+        if target is None or target[:2] != (method_name, int(seed)):
             return fit(method_name, data, train, hyper, seed, callback, progress, **kwargs)
 
         def crash(report):
             if callback is not None:
                 callback(report)
+            if target[2]:
+                import time
+
+                time.sleep(3600)
             raise RuntimeError(
                 f"injected fault: {method_name} seed {seed} crashed after epoch {report.epoch}"
             )
