@@ -294,6 +294,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.cpu_workers > 1:
         parameters.setdefault("overrides", {}).setdefault("threads", 1)
     try:
+        from flows.store import open_store
+
+        # The store first: a corrupt, locked or read-only one stops here, in one line,
+        # before any service starts (every run of the study would fail on it).
+        open_store(service_env()["MLFLOW_TRACKING_URI"], REPO)
         with services_running(service_env(), args.cpu_workers) as (env, train_deployment):
             on_gpu = train_deployment.endswith("/gpu")
             if args.flow == "tune":
@@ -306,7 +311,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except RuntimeError as error:
+    except (RuntimeError, UboError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
 

@@ -263,8 +263,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--note", default="", help="a reviewer's note for the block's header")
     args = parser.parse_args(argv)
     repo = repo_root()
-    store.configure(None, repo)
     try:
+        store.open_store(None, repo)
         chosen = latest_choices(store.get_experiment_id(args.experiment, repo))
         if args.datasets:
             chosen = {d: methods for d, methods in chosen.items() if d in args.datasets}

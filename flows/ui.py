@@ -32,6 +32,8 @@ from flows.services import (
     service_env,
     start_server,
 )
+from flows.store import open_store
+from ubo_core.errors import UboError
 
 
 def port_taken(port: int) -> bool:
@@ -96,6 +98,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     env = service_env() | {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     store = env["MLFLOW_TRACKING_URI"]
+    try:
+        open_store(store, REPO)  # a corrupt or locked store: one line, before any server
+    except UboError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
     home = Path(env["PREFECT_HOME"])
     study_server = running_prefect_server(home) if args.prefect else None
     if study_server and not lock_is_free(home):
