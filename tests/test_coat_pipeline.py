@@ -121,3 +121,20 @@ def test_dvc_repro_builds_coat_and_second_repro_does_nothing(tmp_path):
     assert "Running stage 'validation@coat'" in third
     assert "Running stage 'prepare@coat'" not in third
     assert "Running stage 'download@coat'" not in third
+    # A stage that fails keeps its last good output in data/ (issue 14, fault 9): DVC would
+    # delete it before running the stage, but every output is `persist: true` and written
+    # atomically.
+    output = work / "data" / "processed" / "coat" / "dataset.npz"
+    good = output.read_bytes()
+    text = (work / "params.yaml").read_text()
+    (work / "params.yaml").write_text(
+        text.replace("  active_user_fraction: 0.2", "  active_user_fraction: 2", 1)
+    )
+    failed = subprocess.run(
+        [*dvc, "repro", "validation@coat"], cwd=work, env=env, capture_output=True, text=True
+    )
+    assert failed.returncode != 0
+    assert "validation.active_user_fraction: 2.0 is out of range" in failed.stdout + failed.stderr
+    assert output.read_bytes() == good
+    (work / "params.yaml").write_text(text)
+    assert "Running stage" not in run(*dvc, "repro", "validation@coat")  # still up to date
