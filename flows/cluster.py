@@ -13,7 +13,8 @@ mirror when UBO_DATA_MIRROR is set), its own Prefect home, and a worker started 
 PREFECT_API_URL, MLFLOW_TRACKING_URI and UBO_REPO. The hosts share this machine's Python
 environment and loopback network; nothing else. The servers and workers keep running after
 `up` returns (their pids and logs are under the root); `down` stops the workers, then the
-servers, then PostgreSQL.
+servers, then PostgreSQL, and drops the databases: a cluster here is for trying the setup
+and for its test; docs/SCALING.md describes a lasting one.
 
 The deployments are created without UBO_REPO in the environment, so their pull step keeps
 `{{ $UBO_REPO }}` and each worker runs the code of its own clone, wherever it is.
@@ -29,6 +30,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from dataclasses import asdict, dataclass, field
@@ -50,6 +52,7 @@ class ClusterState:
 
     root: str
     pg_port: int
+    pg_dir: str  # the database cluster, its socket and its log
     prefect_url: str
     mlflow_url: str
     hosts: list[str]
@@ -126,23 +129,30 @@ def base_env() -> dict[str, str]:
 
 
 # -- PostgreSQL ------------------------------------------------------------------------------
-def start_postgres(root: Path) -> int:
-    """A PostgreSQL cluster under <root>/postgres on a free loopback port, with databases
-    `prefect` and `mlflow`; returns the port."""
-    data, sockets = root / "postgres", root / "postgres-socket"
+def postgres_dir(root: Path) -> Path:
+    """Where the database cluster lives: <root>/postgres, or as root (PostgreSQL then runs as
+    `postgres`, who may not be able to enter <root>) a folder of its own under the system's
+    temporary directory, named in cluster.json."""
+    if os.geteuid() != 0:
+        return root / "postgres"
+    folder = Path(tempfile.mkdtemp(prefix="ubo-cluster-postgres-"))
+    shutil.chown(folder, "postgres")
+    return folder
+
+
+def start_postgres(pg_dir: Path) -> int:
+    """A PostgreSQL cluster in `pg_dir` on a free loopback port, with databases `prefect`
+    and `mlflow`; returns the port."""
     port = free_port(None)
-    sockets.mkdir(parents=True, exist_ok=True)
-    if os.geteuid() == 0:
-        shutil.chown(root, "postgres")
-        shutil.chown(sockets, "postgres")
+    pg_dir.mkdir(parents=True, exist_ok=True)
     binaries = pg_bin()
-    if not (data / "PG_VERSION").is_file():
+    if not (pg_dir / "data" / "PG_VERSION").is_file():
         _run(
             as_db_owner(
                 [
                     str(binaries / "initdb"),
                     "-D",
-                    str(data),
+                    str(pg_dir / "data"),
                     "-A",
                     "trust",
                     "-U",
@@ -151,25 +161,29 @@ def start_postgres(root: Path) -> int:
                 ]
             )
         )
-    options = f"-p {port} -k {sockets} -c listen_addresses=127.0.0.1"
-    _run(
-        as_db_owner(
-            [
-                str(binaries / "pg_ctl"),
-                "-D",
-                str(data),
-                "-o",
-                options,
-                "-l",
-                str(root / "logs" / "postgres.log"),
-                "-w",
-                "start",
-            ]
-        )
-    )
+    _pg_ctl(pg_dir, port, "start")
     for database in ("prefect", "mlflow"):
         psql(port, f"CREATE DATABASE {database}")
     return port
+
+
+def _pg_ctl(pg_dir: Path, port: int, *args: str) -> None:
+    options = f"-p {port} -k {pg_dir} -c listen_addresses=127.0.0.1"
+    _run(
+        as_db_owner(
+            [
+                str(pg_bin() / "pg_ctl"),
+                "-D",
+                str(pg_dir / "data"),
+                "-o",
+                options,
+                "-l",
+                str(pg_dir / "postgres.log"),
+                "-w",
+                *args,
+            ]
+        )
+    )
 
 
 def psql(port: int, sql: str) -> str:
@@ -191,23 +205,9 @@ def psql(port: int, sql: str) -> str:
 
 
 def pg_ctl(root: Path, *args: str) -> None:
+    """`pg_ctl <args>` on the cluster's database (restart: `-m fast restart`)."""
     state = ClusterState.load(root)
-    options = f"-p {state.pg_port} -k {root / 'postgres-socket'} -c listen_addresses=127.0.0.1"
-    _run(
-        as_db_owner(
-            [
-                str(pg_bin() / "pg_ctl"),
-                "-D",
-                str(root / "postgres"),
-                "-o",
-                options,
-                "-l",
-                str(root / "logs" / "postgres.log"),
-                "-w",
-                *args,
-            ]
-        )
-    )
+    _pg_ctl(Path(state.pg_dir), state.pg_port, *args)
 
 
 # -- up and down -------------------------------------------------------------------------------
@@ -238,8 +238,9 @@ def up(root: Path, hosts: int, datasets: list[str]) -> ClusterState:
     names = [f"host-{index}" for index in range(1, hosts + 1)]
     print(f"cloning {REPO} into {hosts} host(s) and building {', '.join(datasets)} on each")
     repos = {name: make_host(root, name, datasets, env) for name in names}
-    pg_port = start_postgres(root)
-    state = ClusterState(str(root), pg_port, "", "", names)
+    pg_dir = postgres_dir(root)
+    pg_port = start_postgres(pg_dir)
+    state = ClusterState(str(root), pg_port, str(pg_dir), "", "", names)
     state.save()  # from here on, `down` can undo what was started
     print(f"PostgreSQL on 127.0.0.1:{pg_port} (databases prefect, mlflow)")
     prefect_port, mlflow_port = free_port(None), free_port(None)
@@ -282,7 +283,7 @@ def up(root: Path, hosts: int, datasets: list[str]) -> ClusterState:
             "--workers",
             "2",
             "--backend-store-uri",
-            f"postgresql://postgres@127.0.0.1:{pg_port}/mlflow",
+            f"postgresql+psycopg2://postgres@127.0.0.1:{pg_port}/mlflow",
             "--artifacts-destination",
             str(root / "artifacts"),
         ],
@@ -403,8 +404,12 @@ def down(root: Path) -> None:
     _stop([pid for key, pid in state.pids.items() if "/" not in key])
     with contextlib.suppress(RuntimeError):
         pg_ctl(root, "-m", "fast", "stop")
+    shutil.rmtree(state.pg_dir, ignore_errors=True)
     (root / "cluster.json").unlink()
-    print(f"cluster at {root} stopped (its data stays there; delete the folder to drop it)")
+    print(
+        f"cluster at {root} stopped and its databases dropped (the hosts' clones and the "
+        "artifacts stay there; delete the folder to drop them)"
+    )
 
 
 def status(root: Path) -> str:
