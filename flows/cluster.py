@@ -38,7 +38,7 @@ from pathlib import Path
 
 import psutil
 
-from flows.services import free_port
+from flows.services import free_port, terminate
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_ROOT = REPO / ".cluster"
@@ -380,13 +380,7 @@ def _stop(pids: list[int], grace: float = 20.0) -> None:
     for pid in pids:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(pid, signal.SIGTERM)
-    for process in processes:
-        with contextlib.suppress(psutil.Error):
-            process.terminate()
-    _, alive = psutil.wait_procs(processes, timeout=grace)
-    for process in alive:
-        with contextlib.suppress(psutil.Error):
-            process.kill()
+    terminate(processes, grace)
 
 
 def down(root: Path) -> None:

@@ -205,15 +205,20 @@ def stop_leftovers(prefect_home: Path, grace: float = 15.0) -> int:
         return False
 
     for wave in ([p for p in found if not is_server(p)], [p for p in found if is_server(p)]):
-        for process in wave:
-            with contextlib.suppress(psutil.Error):
-                process.terminate()
-        _, alive = psutil.wait_procs(wave, timeout=grace)
-        for process in alive:
-            with contextlib.suppress(psutil.Error):
-                process.kill()
-        psutil.wait_procs(alive, timeout=5)
+        terminate(wave, grace)
     return len(found)
+
+
+def terminate(processes: list[psutil.Process], grace: float) -> None:
+    """SIGTERM `processes`, and SIGKILL those still alive after `grace` seconds."""
+    for process in processes:
+        with contextlib.suppress(psutil.Error):
+            process.terminate()
+    _, alive = psutil.wait_procs(processes, timeout=grace)
+    for process in alive:
+        with contextlib.suppress(psutil.Error):
+            process.kill()
+    psutil.wait_procs(alive, timeout=5)
 
 
 def prefect(
