@@ -131,7 +131,8 @@ def wait_for_children(
     final: dict[int, State] = {}
     no_worker_since: float | None = None
     with get_client(sync_client=True) as client:
-        pools = {pool for c in children if (pool := _pool_of(client, c.deployment))}
+        deployments = {child.deployment for child in children}
+        pools = {pool for name in deployments if (pool := _pool_of(client, name))}
         while len(final) < len(children):
             now = datetime.now(UTC)
             waiting = False
