@@ -10,6 +10,10 @@
 #   make test        install if needed, lint, run the test suite
 #   make ui          the MLflow UI on the study's store (light: one worker, no job runner);
 #                    PREFECT=1 also the Prefect UI (UI_ARGS: more flows.ui flags)
+#   make cluster-up  the several-machines setup on this machine (docs/SCALING.md): PostgreSQL,
+#                    Prefect and MLflow servers on it, HOSTS worker hosts (own clones, homes, data)
+#   make cluster-down  stop it; make cluster-test: the study across hosts with a lost host and a
+#                    database restart (pytest -m cluster, ~6 min)
 #
 # TORCH_INDEX: where torch==2.13.0 comes from. The default CPU wheel index keeps a CPU machine
 # from pulling the multi-GB CUDA build; on a GPU machine use `make ... TORCH_INDEX=` (PyPI's
@@ -31,7 +35,8 @@ REPORT_ARGS ?=
 PREFECT ?=
 UI_ARGS ?=
 
-.PHONY: install benchmark data summary study tune report ui test lint format
+.PHONY: install benchmark data summary study tune report ui test lint format \
+	cluster-install cluster-up cluster-down cluster-test
 
 install: $(INSTALLED)
 
@@ -57,6 +62,21 @@ tune: $(INSTALLED)
 
 report: $(INSTALLED)
 	python -m flows.report $(REPORT_ARGS)
+
+HOSTS ?= 3
+CLUSTER_DATASETS ?= coat
+
+cluster-install: $(INSTALLED)
+	python -m pip install --quiet -e '.[dev,cluster]'
+
+cluster-up: cluster-install
+	python -m flows.cluster up --hosts $(HOSTS) --datasets $(CLUSTER_DATASETS)
+
+cluster-down: $(INSTALLED)
+	python -m flows.cluster down
+
+cluster-test: cluster-install
+	python -m pytest -m cluster -o console_output_style=count --durations=5
 
 ui: $(INSTALLED)
 	python -m flows.ui $(if $(PREFECT),--prefect) $(UI_ARGS)

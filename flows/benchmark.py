@@ -4,7 +4,8 @@ as its own flow run of `ubo-train` onto a work pool; workers pick them up.
 Thin by design: the science is `ubo_core`, the tracking `flows.tracked_run`. The parent
 - skips every child whose run key (config + code version + data version) already has a
   FINISHED run in MLflow, so a re-run trains only what is missing or failed;
-- submits the rest with `run_deployment(..., timeout=0)` and waits for all of them;
+- submits the rest with `run_deployment(..., timeout=0)` and waits for all of them,
+  submitting again a child whose worker died (flows/children.py);
 - logs the aggregated table (mean and std over seeds) on its own MLflow run;
 - fails naming every failed child.
 """
@@ -17,48 +18,14 @@ from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger
-from prefect.client.orchestration import get_client
-from prefect.client.schemas.objects import State
-from prefect.deployments import run_deployment
-from prefect.runtime import flow_run as current_flow_run
 
 from flows import store, study, tracked_run
+from flows.children import STALL_SECONDS, Child, cancel_waiting, submit, wait_for_children
 from ubo_core.config import load_params
 from ubo_core.methods import METHODS, check_method_params, get_method, resolve_config
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN_DEPLOYMENT = "ubo-train/cpu"
-PARENT_TAG = "ubo-parent:"  # children carry PARENT_TAG + the parent's flow run id (progress)
-
-
-def wait_for_children(flow_run_ids: list[Any], poll_seconds: float) -> list[State]:
-    """Poll until every child flow run is in a final state; returns their states in order.
-    (prefect.flow_runs.wait_for_flow_run is a coroutine in Prefect 3.8.)"""
-    final: dict[Any, State] = {}
-    with get_client(sync_client=True) as client:
-        while len(final) < len(flow_run_ids):
-            for flow_run_id in flow_run_ids:
-                if flow_run_id in final:
-                    continue
-                state = client.read_flow_run(flow_run_id).state
-                if state is not None and state.is_final():
-                    final[flow_run_id] = state
-            if len(final) < len(flow_run_ids):
-                time.sleep(poll_seconds)
-    return [final[flow_run_id] for flow_run_id in flow_run_ids]
-
-
-def submit_child(deployment: str, parameters: dict[str, Any], name: str) -> Any:
-    """Submit a child flow run of `deployment` without waiting, as a subflow of the current
-    flow run and tagged with its id (how `flows.local` shows progress)."""
-    return run_deployment(
-        deployment,
-        parameters=parameters,
-        timeout=0,
-        as_subflow=True,
-        flow_run_name=name,
-        tags=[f"{PARENT_TAG}{current_flow_run.id}"],
-    )
 
 
 def repo_root() -> Path:
@@ -107,12 +74,16 @@ def ubo(
     experiment: str = store.DEFAULT_EXPERIMENT,
     train_deployment: str = TRAIN_DEPLOYMENT,
     poll_seconds: float = 5.0,
+    stall_seconds: float = STALL_SECONDS,
+    resubmits: int = 2,
 ) -> str:
     """The whole study: every data set x method x seed, one child flow run each; by default
     every data set of params.yaml's catalog.
 
     overrides apply to every method (train keys such as lr, or epochs/mode given directly);
-    method_overrides[method] to one method. Returns the results table (markdown).
+    method_overrides[method] to one method. A child pending or without a heartbeat for
+    `stall_seconds` is declared dead and submitted again, at most `resubmits` times
+    (flows/children.py). Returns the results table (markdown).
     """
     logger = get_run_logger()
     repo = repo_root()
@@ -137,8 +108,9 @@ def ubo(
     experiment_id = store.get_experiment_id(experiment, repo)
     parent = study.start_parent_run(experiment_id, datasets, methods, seeds, common, per_method)
     logger.info("MLflow parent run %s; %d children planned", parent, len(plan))
+    submitted: list[tuple[Child, tuple]] = []
     try:
-        submitted, run_ids = [], []
+        run_ids = []
         for dataset, method, seed, child_overrides in plan:
             existing = tracked_run.finished_run_for(
                 params, repo, experiment_id, dataset, method, seed, child_overrides
@@ -153,7 +125,8 @@ def ubo(
                     existing,
                 )
                 continue
-            flow_run = submit_child(
+            child = Child(
+                f"{dataset}/{method}/seed{seed}",
                 train_deployment,
                 {
                     "dataset": dataset,
@@ -164,21 +137,21 @@ def ubo(
                     "tracking_uri": tracking_uri,
                     "parent_run_id": parent,
                 },
-                f"{dataset}/{method}/seed{seed}",
             )
-            key_args = (dataset, method, seed, child_overrides)
-            submitted.append((f"{dataset}/{method}/seed{seed}", flow_run, key_args))
+            submitted.append((submit(child), (dataset, method, seed, child_overrides)))
         started = time.monotonic()
-        states = wait_for_children([flow_run.id for _, flow_run, _ in submitted], poll_seconds)
+        states = wait_for_children(
+            [child for child, _ in submitted], poll_seconds, stall_seconds, resubmits, logger.info
+        )
         failed = []
-        for (name, _, key_args), state in zip(submitted, states, strict=True):
+        for (child, key_args), state in zip(submitted, states, strict=True):
             # The child's MLflow run is found by its run key: no need for Prefect to persist
             # results between processes.
             run_id = tracked_run.finished_run_for(params, repo, experiment_id, *key_args)
             if state.is_completed() and run_id is not None:
                 run_ids.append(run_id)
             else:
-                failed.append(f"{name} ({state.name})")
+                failed.append(f"{child.name} ({state.name})")
         logger.info(
             "children finished after %.0f s; %d failed", time.monotonic() - started, len(failed)
         )
@@ -186,8 +159,11 @@ def ubo(
         markdown = study.to_markdown(table)
         study.log_aggregate(parent, table)
     except BaseException:
-        # Cancelled or crashed while its children ran: never leave the MLflow parent RUNNING.
+        # Cancelled or crashed while its children ran: never leave the MLflow parent RUNNING,
+        # nor children waiting that a worker would train for a parent that is gone.
         study.end_parent_run(parent, ["(the parent flow run itself)"])
+        if cancelled := cancel_waiting([child for child, _ in submitted]):
+            logger.info("cancelled %d child run(s) that had not started", cancelled)
         raise
     study.end_parent_run(parent, failed)
     print(markdown)

@@ -38,6 +38,7 @@ from flows.services import (
     exclusive_run,
     free_port,
     prefect,
+    report_leftovers,
     report_locked_database,
     service_env,
     start_server,
@@ -116,7 +117,7 @@ def clear_orphans(env: dict[str, str]) -> int:
     from prefect.settings import PREFECT_API_URL, temporary_settings
     from prefect.states import Cancelled, Crashed
 
-    from flows.benchmark import PARENT_TAG
+    from flows.children import PARENT_TAG
 
     open_types = [StateType.SCHEDULED, *(StateType(state) for state in STALE_STATES)]
     flt = FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(any_=open_types)))
@@ -141,6 +142,7 @@ def clear_orphans(env: dict[str, str]) -> int:
 def services_running(env: dict[str, str], cpu_workers: int) -> Iterator[tuple[dict[str, str], str]]:
     """Server (if needed), pools, deployments and workers; yields (env, training deployment)."""
     lock = exclusive_run(Path(env["PREFECT_HOME"]))  # first: a refusal leaves nothing to undo
+    report_leftovers(Path(env["PREFECT_HOME"]))  # a killed run's workers would train beside ours
     services = Services(STATE_DIR, env)
     previous = signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     try:
@@ -216,7 +218,7 @@ def _submit_and_wait(env: dict[str, str], parameters: dict[str, Any], deployment
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterTags
     from prefect.deployments import run_deployment
 
-    from flows.benchmark import PARENT_TAG
+    from flows.children import PARENT_TAG
 
     parent = run_deployment(deployment, parameters=parameters, timeout=0)
     print(f"flow run {parent.name} ({parent.id}) of {deployment}: {json.dumps(parameters)}")
@@ -292,6 +294,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.cpu_workers > 1:
         parameters.setdefault("overrides", {}).setdefault("threads", 1)
     try:
+        from flows.store import open_store
+
+        # The store first: a corrupt, locked or read-only one stops here, in one line,
+        # before any service starts (every run of the study would fail on it).
+        open_store(service_env()["MLFLOW_TRACKING_URI"], REPO)
         with services_running(service_env(), args.cpu_workers) as (env, train_deployment):
             on_gpu = train_deployment.endswith("/gpu")
             if args.flow == "tune":
@@ -304,7 +311,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except RuntimeError as error:
+    except (RuntimeError, UboError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
 

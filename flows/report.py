@@ -61,8 +61,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     repo = Path(os.environ.get("UBO_REPO", REPO)).resolve()
-    store.configure(args.tracking_uri, repo)
     try:
+        store.open_store(args.tracking_uri, repo)
         study = collect(
             repo, args.experiment, args.datasets, args.methods, args.seeds, args.code_version
         )
@@ -86,10 +86,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     discussion_path = out / "results_discussion.md"
     discussion = discussion_path.read_text() if discussion_path.is_file() else ""
     text = render(study, discussion)  # before anything is written: a failure leaves no mix
-    for path in figures(study, out / "figures"):
-        print(f"wrote {path}")
-    with atomic_path(out / "RESULTS.md") as tmp:
-        tmp.write_text(text)
+    try:
+        for path in figures(study, out / "figures"):
+            print(f"wrote {path}")
+        with atomic_path(out / "RESULTS.md") as tmp:
+            tmp.write_text(text)
+    except UboError as error:  # a read-only folder, a full disk: each file is whole or old
+        print(f"error: {error}", file=sys.stderr)
+        return 1
     print(f"wrote {out / 'RESULTS.md'} from {len(study.runs)} runs")
     if not args.no_mlflow_results:
         experiments = results_runs.publish(

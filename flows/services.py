@@ -22,6 +22,22 @@ import psutil
 
 REPO = Path(__file__).resolve().parents[1]
 STATE_DIR = REPO / ".prefect"
+# Marks of a service's process and of every process it starts (inherited environment):
+# which Prefect home, which run's process (pid) started it, and its name.
+OWNER_HOME, OWNER_PID, SERVICE_NAME = "UBO_SERVICES_HOME", "UBO_SERVICES_OWNER", "UBO_SERVICE"
+# The launcher of every service: on Linux ask for SIGTERM when the run that started it dies
+# (then exit at once if it already has: the request came too late), then become the service.
+DIE_WITH_PARENT = """
+import os, signal, sys
+try:
+    import ctypes
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+except (OSError, AttributeError):
+    pass  # not Linux: the next run stops what is left (stop_leftovers)
+if os.getppid() != int(sys.argv[1]):
+    sys.exit(1)
+os.execv(sys.argv[2], sys.argv[2:])
+"""
 
 
 def service_env() -> dict[str, str]:
@@ -56,7 +72,7 @@ class Services:
     def __init__(self, log_dir: Path, env: dict[str, str]) -> None:
         self.log_dir = log_dir
         self.env = env
-        self.processes: list[tuple[str, subprocess.Popen, IO]] = []
+        self.processes: list[tuple[str, subprocess.Popen, IO, bool]] = []
         log_dir.mkdir(parents=True, exist_ok=True)
 
     def start(
@@ -65,28 +81,54 @@ class Services:
         prefect_args: list[str],
         cwd: Path = REPO,
         env: dict[str, str] | None = None,
+        stop_last: bool = False,
     ) -> subprocess.Popen:
-        """`python -m prefect <prefect_args>` in the background."""
+        """`python -m prefect <prefect_args>` in the background (a server: `stop_last`)."""
+        return self.spawn(
+            name, [sys.executable, "-m", "prefect", *prefect_args], cwd, env, stop_last
+        )
+
+    def spawn(
+        self,
+        name: str,
+        argv: list[str],
+        cwd: Path = REPO,
+        env: dict[str, str] | None = None,
+        stop_last: bool = False,
+    ) -> subprocess.Popen:
+        """`argv` in the background, in a session of its own, logging to `<name>.log`.
+
+        It is marked (environment variables every process it starts inherits) as this
+        process's service on this Prefect home, so that a later run on the same home finds
+        whatever a killed run left (`stop_leftovers`); on Linux it gets SIGTERM when this
+        process dies (PR_SET_PDEATHSIG). `stop_last` processes (the server) are stopped after
+        the others, which need them to end cleanly."""
+        env = dict(env or self.env)
+        env |= {
+            OWNER_HOME: str(prefect_home_of(env)),
+            OWNER_PID: str(os.getpid()),
+            SERVICE_NAME: name,
+        }
         log = open(self.log_dir / f"{name}.log", "w")  # noqa: SIM115 (closed by stop)
         process = subprocess.Popen(
-            [sys.executable, "-m", "prefect", *prefect_args],
+            [sys.executable, "-c", DIE_WITH_PARENT, str(os.getpid()), *argv],
             cwd=cwd,
-            env=env or self.env,
+            env=env,
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-        self.processes.append((name, process, log))
+        self.processes.append((name, process, log, stop_last))
         return process
 
     def check_alive(self) -> None:
-        for name, process, _ in self.processes:
+        for name, process, _, _ in self.processes:
             if process.poll() is not None:
                 raise RuntimeError(f"{name} exited ({process.returncode}):\n{self.tail(name)}")
 
     def tail(self, name: str | None = None, lines: int = 40) -> str:
-        names = [name] if name else [n for n, _, _ in self.processes]
+        names = [name] if name else [n for n, _, _, _ in self.processes]
         parts = []
         for each in names:
             path = self.log_dir / f"{each}.log"
@@ -94,16 +136,25 @@ class Services:
             parts.append(f"--- {each} ({path}) ---\n" + "\n".join(text.splitlines()[-lines:]))
         return "\n".join(parts)
 
-    def _descendants(self) -> list[psutil.Process]:
-        found = []
-        for _, process, _ in self.processes:
-            with contextlib.suppress(psutil.Error):
-                found += psutil.Process(process.pid).children(recursive=True)
-        return found
-
     def stop(self, grace: float = 15.0) -> None:
-        descendants = self._descendants()
-        for _, process, _ in reversed(self.processes):
+        """Stop the workers (and what they started) first, then the server: a worker that
+        loses its server mid-stop cannot report its runs and is killed after the grace."""
+        first = [entry for entry in self.processes if not entry[3]]
+        last = [entry for entry in self.processes if entry[3]]
+        for wave in (first, last):
+            if wave:
+                self._stop_wave(wave, grace)
+        for _, _, log, _ in self.processes:
+            log.close()
+        self.processes.clear()
+
+    @staticmethod
+    def _stop_wave(wave: list[tuple[str, subprocess.Popen, IO, bool]], grace: float) -> None:
+        descendants = []
+        for _, process, _, _ in wave:
+            with contextlib.suppress(psutil.Error):
+                descendants += psutil.Process(process.pid).children(recursive=True)
+        for _, process, _, _ in reversed(wave):
             if process.poll() is None:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(process.pid, signal.SIGTERM)
@@ -111,7 +162,7 @@ class Services:
             with contextlib.suppress(psutil.Error):
                 child.terminate()
         deadline = time.monotonic() + grace
-        for name, process, _ in self.processes:
+        for name, process, _, _ in wave:
             try:
                 process.wait(max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
@@ -123,9 +174,51 @@ class Services:
         for child in alive:
             with contextlib.suppress(psutil.Error):
                 child.kill()
-        for _, _, log in self.processes:
-            log.close()
-        self.processes.clear()
+
+
+def prefect_home_of(env: dict[str, str]) -> Path:
+    return Path(env.get("PREFECT_HOME", STATE_DIR)).resolve()
+
+
+def leftovers(prefect_home: Path) -> list[psutil.Process]:
+    """Processes a killed run left on `prefect_home`: every process marked as a service of
+    it (`Services.spawn`), or started by one, whose owner is no longer this process. Call it
+    holding the home's lock (`exclusive_run`): no live run owns them then."""
+    home, found = str(prefect_home.resolve()), []
+    for process in psutil.process_iter():
+        with contextlib.suppress(psutil.Error):
+            environ = process.environ()
+            if environ.get(OWNER_HOME) == home and environ.get(OWNER_PID) != str(os.getpid()):
+                found.append(process)
+    return found
+
+
+def stop_leftovers(prefect_home: Path, grace: float = 15.0) -> int:
+    """Stop what a killed run left on `prefect_home` (workers, the trainings they started,
+    then its server), so that no old worker trains beside the new run's; returns how many
+    processes were stopped."""
+    found = leftovers(prefect_home)
+
+    def is_server(process: psutil.Process) -> bool:
+        with contextlib.suppress(psutil.Error):
+            return process.environ().get(SERVICE_NAME) == "prefect-server"
+        return False
+
+    for wave in ([p for p in found if not is_server(p)], [p for p in found if is_server(p)]):
+        terminate(wave, grace)
+    return len(found)
+
+
+def terminate(processes: list[psutil.Process], grace: float) -> None:
+    """SIGTERM `processes`, and SIGKILL those still alive after `grace` seconds."""
+    for process in processes:
+        with contextlib.suppress(psutil.Error):
+            process.terminate()
+    _, alive = psutil.wait_procs(processes, timeout=grace)
+    for process in alive:
+        with contextlib.suppress(psutil.Error):
+            process.kill()
+    psutil.wait_procs(alive, timeout=5)
 
 
 def prefect(
@@ -168,6 +261,16 @@ def wait_healthy(api_url: str, services: Services, timeout: float = 120) -> None
     raise RuntimeError(f"Prefect server at {api_url} not healthy after {timeout:.0f} s")
 
 
+def report_leftovers(prefect_home: Path) -> int:
+    """`stop_leftovers`, saying so in one line if there were any."""
+    if stopped := stop_leftovers(prefect_home):
+        print(
+            f"stopped {stopped} process(es) left running on {prefect_home} by an earlier run "
+            "that was killed (its server, workers and their trainings)"
+        )
+    return stopped
+
+
 def exclusive_run(prefect_home: Path, holder: str = "`python -m flows.local`") -> IO:
     """Hold an exclusive lock on `<prefect_home>/flows-local.lock` until the returned file is
     closed (or the process dies); `holder` names this process in it. A second run on the same
@@ -205,6 +308,7 @@ def start_server(services: Services, env: dict[str, str], port: int) -> dict[str
         # The UI's API address defaults to port 4200 whatever the server's port: it would
         # show another server's runs.
         env=env | {"PREFECT_SERVER_UI_API_URL": api_url},
+        stop_last=True,
     )
     env = env | {"PREFECT_API_URL": api_url}
     services.env = env

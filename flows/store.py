@@ -23,6 +23,8 @@ from mlflow import MlflowClient
 from mlflow.entities import Run, ViewType
 from mlflow.exceptions import MlflowException
 
+from ubo_core.errors import UboError
+
 DEFAULT_EXPERIMENT = "ubo"
 
 
@@ -55,6 +57,56 @@ def configure(tracking_uri: str | None, repo: Path) -> str:
     uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(repo)
     mlflow.set_tracking_uri(uri)
     return uri
+
+
+class StoreError(UboError):
+    """The MLflow store cannot be used: one line naming it and the problem."""
+
+
+# sqlite's words for a store's faults, and what to do about each.
+_STORE_PROBLEMS = (
+    (
+        "file is not a database",
+        "not an SQLite database (corrupt, or another file): move it "
+        "away, or point MLFLOW_TRACKING_URI at another store",
+    ),
+    (
+        "database disk image is malformed",
+        "corrupt (malformed database image): restore it from a backup, or move it away",
+    ),
+    (
+        "database is locked",
+        "locked by another process for longer than sqlite waits; stop the "
+        "other process (another study, `make ui`?) or retry",
+    ),
+    ("readonly database", "read-only: give this user write access to the file and its folder"),
+    ("unable to open database file", "cannot be opened (missing folder or no permission)"),
+    ("disk i/o error", "disk I/O error (a full disk?)"),
+    ("database or disk is full", "the disk is full"),
+)
+
+
+def open_store(tracking_uri: str | None, repo: Path) -> str:
+    """`configure`, then one cheap query, so that a corrupt, locked or read-only store stops
+    a command at once with one line naming it (StoreError), not a traceback mid-study."""
+    uri = configure(tracking_uri, repo)
+    try:
+        MlflowClient(uri).search_experiments(max_results=1)
+    except Exception as error:  # sqlalchemy, sqlite3, MLflow and HTTP errors alike
+        text = " ".join(str(error).split())
+        problem = next(
+            (advice for words, advice in _STORE_PROBLEMS if words in text.lower()),
+            text.split(" [SQL:")[0][:300],
+        )
+        where = sqlite_file(uri) or uri
+        raise StoreError(f"MLflow store {where}: {problem}") from None
+    return uri
+
+
+def sqlite_file(uri: str) -> Path | None:
+    """The database file of a sqlite store's URI, or None for other stores."""
+    folder = sqlite_dir(uri)
+    return None if folder is None else folder / Path(uri.split("?", 1)[0]).name
 
 
 def ensure_configured(repo: Path) -> str:

@@ -35,7 +35,8 @@ from prefect import flow, get_run_logger
 from prefect.runtime import flow_run as current_flow_run
 
 from flows import run_identity, store
-from flows.benchmark import repo_root, submit_child, wait_for_children
+from flows.benchmark import repo_root
+from flows.children import STALL_SECONDS, Child, cancel_waiting, submit, wait_for_children
 from flows.tune_study import (
     EXPERIMENT,
     STUDY_DEPLOYMENT,
@@ -66,9 +67,12 @@ def tune(
     study_deployment: str = STUDY_DEPLOYMENT,
     overrides: dict[str, Any] | None = None,
     poll_seconds: float = 5.0,
+    stall_seconds: float = STALL_SECONDS,
+    resubmits: int = 2,
 ) -> str:
     """Every (data set, method) study, one child flow run each (by default every data set
-    of params.yaml's catalog); returns the tuned block."""
+    of params.yaml's catalog); returns the tuned block. A study whose worker died is
+    submitted again (flows/children.py) and resumes from the trials MLflow holds."""
     logger = get_run_logger()
     repo = repo_root()
     store.configure(tracking_uri, repo)
@@ -90,11 +94,12 @@ def tune(
         ),
         run_name="tune",
     ).info.run_id
+    submitted: list[tuple[str, str, Child]] = []
     try:
-        submitted = []
         for dataset in datasets:
             for method in methods:
-                flow_run = submit_child(
+                child = Child(
+                    f"tune {dataset}/{method}",
                     study_deployment,
                     {
                         "dataset": dataset,
@@ -105,10 +110,15 @@ def tune(
                         "parent_run_id": parent,
                         "overrides": overrides,
                     },
-                    f"tune {dataset}/{method}",
                 )
-                submitted.append((dataset, method, flow_run))
-        states = wait_for_children([run.id for *_, run in submitted], poll_seconds)
+                submitted.append((dataset, method, submit(child)))
+        states = wait_for_children(
+            [child for *_, child in submitted],
+            poll_seconds,
+            stall_seconds,
+            resubmits,
+            logger.info,
+        )
         failed = [
             f"{d}/{m} ({s.name})"
             for (d, m, _), s in zip(submitted, states, strict=True)
@@ -119,6 +129,7 @@ def tune(
         client.log_text(parent, block, "tuned_defaults.yaml")
     except BaseException:
         client.set_terminated(parent, RunStatus.to_string(RunStatus.FAILED))
+        cancel_waiting([child for *_, child in submitted])
         raise
     client.set_terminated(
         parent, RunStatus.to_string(RunStatus.FAILED if failed else RunStatus.FINISHED)
@@ -252,8 +263,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--note", default="", help="a reviewer's note for the block's header")
     args = parser.parse_args(argv)
     repo = repo_root()
-    store.configure(None, repo)
     try:
+        store.open_store(None, repo)
         chosen = latest_choices(store.get_experiment_id(args.experiment, repo))
         if args.datasets:
             chosen = {d: methods for d, methods in chosen.items() if d in args.datasets}

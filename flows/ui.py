@@ -23,7 +23,17 @@ import time
 import urllib.request
 from pathlib import Path
 
-from flows.services import REPO, STATE_DIR, Services, exclusive_run, service_env, start_server
+from flows.services import (
+    REPO,
+    STATE_DIR,
+    Services,
+    exclusive_run,
+    report_leftovers,
+    service_env,
+    start_server,
+)
+from flows.store import open_store
+from ubo_core.errors import UboError
 
 
 def port_taken(port: int) -> bool:
@@ -88,6 +98,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     env = service_env() | {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     store = env["MLFLOW_TRACKING_URI"]
+    try:
+        open_store(store, REPO)  # a corrupt or locked store: one line, before any server
+    except UboError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
     home = Path(env["PREFECT_HOME"])
     study_server = running_prefect_server(home) if args.prefect else None
     if study_server and not lock_is_free(home):
@@ -124,6 +139,7 @@ def main(argv: list[str] | None = None) -> int:
             # Held while the UI runs: a `make benchmark` started meanwhile says so and stops,
             # rather than start a second server on the same database.
             lock = exclusive_run(home, holder="`make ui PREFECT=1` (python -m flows.ui)")
+            report_leftovers(home)
             api_url = f"http://127.0.0.1:{args.prefect_port}/api"
             lock.write(f"its server: {api_url}\n")
             lock.flush()

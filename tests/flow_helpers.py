@@ -11,6 +11,8 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+from params_file import write_params
+
 REPO = Path(__file__).resolve().parents[1]
 
 # Loaded as `sitecustomize` by the training workers and the flow runs they start, because
@@ -19,7 +21,8 @@ FAULT_HOOK = '''"""Test-only fault injection (tests/test_flows.py).
 
 While the file named by $UBO_TEST_FAULT_FILE exists and holds "<method> <seed>", training that
 (method, seed) crashes right after its first epoch was reported (and logged to MLflow), like
-a worker dying mid-run. `ubo_core.trainer.fit` is wrapped when the module is first imported
+a worker dying mid-run; with "<method> <seed> hang" it hangs there instead (a test then kills
+its process). `ubo_core.trainer.fit` is wrapped when the module is first imported
 (a meta path hook), whichever copy of ubo_core the flow run imports. Deleting the file fixes
 the fault.
 """
@@ -34,10 +37,10 @@ FAULT_FILE = os.environ.get("UBO_TEST_FAULT_FILE")
 def _target():
     try:
         with open(FAULT_FILE) as handle:
-            method, seed = handle.read().split()
+            method, seed, *mode = handle.read().split()
     except (OSError, ValueError):
         return None
-    return method, int(seed)
+    return method, int(seed), mode == ["hang"]
 
 
 def _wrap(module):
@@ -46,12 +49,17 @@ def _wrap(module):
     def fit_with_fault(
         method_name, data, train, hyper, seed, callback=None, progress=True, **kwargs
     ):
-        if _target() != (method_name, int(seed)):
+        target = _target()
+        if target is None or target[:2] != (method_name, int(seed)):
             return fit(method_name, data, train, hyper, seed, callback, progress, **kwargs)
 
         def crash(report):
             if callback is not None:
                 callback(report)
+            if target[2]:
+                import time
+
+                time.sleep(3600)
             raise RuntimeError(
                 f"injected fault: {method_name} seed {seed} crashed after epoch {report.epoch}"
             )
@@ -98,12 +106,13 @@ def make_repo_copy(root: Path) -> Path:
         shutil.copytree(REPO / package, repo / package, ignore=ignore)
     for name in ("prefect.yaml", "pyproject.toml"):
         shutil.copy2(REPO / name, repo / name)
-    (repo / "params.yaml").write_text(
+    write_params(
+        repo / "params.yaml",
         "data:\n  processed_dir: data/processed\n"
         "train:\n  epochs: 4\n"  # the benchmark scenarios pass their own epochs
         "tuning:\n  trials: {coat: 3}\n  startup_trials: 2\n  prune_after_epochs: 2\n"
         "  space:\n"
         "    umf: {lr: {low: 0.01, high: 0.1, log: true}}\n"
-        "    ubo: {lr: {low: 0.01, high: 0.1, log: true}}\n"
+        "    ubo: {lr: {low: 0.01, high: 0.1, log: true}}\n",
     )
     return repo

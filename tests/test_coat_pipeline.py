@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from params_file import write_params
 
 from ubo_core.data import FeedbackData
 from ubo_core.metrics import RankingTask, expected_random_dcg, ranking_metrics
@@ -41,10 +42,11 @@ pytestmark = [
 def coat(tmp_path_factory) -> FeedbackData:
     root = tmp_path_factory.mktemp("coat")
     params = root / "params.yaml"
-    params.write_text(
+    write_params(
+        params,
         "data:\n"
         f"  raw_dir: {root / 'raw'}\n  interim_dir: {root / 'interim'}\n"
-        f"  processed_dir: {root / 'processed'}\n  manual_dir: {root / 'manual'}\n"
+        f"  processed_dir: {root / 'processed'}\n  manual_dir: {root / 'manual'}\n",
     )
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("UBO_DATA_MIRROR", str(MIRROR))
@@ -119,3 +121,20 @@ def test_dvc_repro_builds_coat_and_second_repro_does_nothing(tmp_path):
     assert "Running stage 'validation@coat'" in third
     assert "Running stage 'prepare@coat'" not in third
     assert "Running stage 'download@coat'" not in third
+    # A stage that fails keeps its last good output in data/ (issue 14, fault 9): DVC would
+    # delete it before running the stage, but every output is `persist: true` and written
+    # atomically.
+    output = work / "data" / "processed" / "coat" / "dataset.npz"
+    good = output.read_bytes()
+    text = (work / "params.yaml").read_text()
+    (work / "params.yaml").write_text(
+        text.replace("  active_user_fraction: 0.2", "  active_user_fraction: 2", 1)
+    )
+    failed = subprocess.run(
+        [*dvc, "repro", "validation@coat"], cwd=work, env=env, capture_output=True, text=True
+    )
+    assert failed.returncode != 0
+    assert "validation.active_user_fraction: 2.0 is out of range" in failed.stdout + failed.stderr
+    assert output.read_bytes() == good
+    (work / "params.yaml").write_text(text)
+    assert "Running stage" not in run(*dvc, "repro", "validation@coat")  # still up to date

@@ -3,8 +3,16 @@
 from pathlib import Path
 
 import pytest
+import yaml
 
-from ubo_core.config import CatalogEntry, Params, TrainConfig, check_dataset, load_params
+from ubo_core.config import (
+    CatalogEntry,
+    Params,
+    TrainConfig,
+    check_dataset,
+    default_document,
+    load_params,
+)
 from ubo_core.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -59,8 +67,50 @@ def test_bad_train_section(tmp_path, text, key, problem):
     assert problem in str(caught.value)
 
 
-def test_empty_file_gives_defaults(tmp_path):
-    assert load_params(write(tmp_path, "")) == Params()
+def test_the_code_defaults_template_is_a_complete_params_file(tmp_path):
+    """`python -m ubo_core.config` prints every key at the code's defaults."""
+    text = yaml.safe_dump(default_document(), sort_keys=False)
+    assert load_params(write(tmp_path, text)) == Params()
+
+
+def drop_lines(text: str, *lines: str) -> str:
+    kept = text.splitlines(keepends=True)
+    for line in lines:
+        index = next(i for i, each in enumerate(kept) if each.split("#")[0].rstrip() == line)
+        del kept[index]  # the first such line
+    return "".join(kept)
+
+
+@pytest.mark.parametrize(
+    ("dropped", "keys"),
+    [
+        # Deleting `mode: dense` used to train in paper mode (the code's default), exit 0.
+        (["  mode: dense"], "train.mode"),
+        (["  seed: 0", "  mode: dense"], "validation.seed, train.mode"),  # the first seed
+    ],
+)
+def test_a_missing_key_is_an_error_naming_every_missing_key(tmp_path, dropped, keys):
+    text = (REPO / "params.yaml").read_text()
+    path = write(tmp_path, drop_lines(text, *dropped))
+    with pytest.raises(ConfigError) as caught:
+        load_params(path)
+    assert str(caught.value).startswith(f"{path}: {keys}: missing; ")
+
+
+def test_a_missing_section_is_an_error(tmp_path):
+    document = yaml.safe_load((REPO / "params.yaml").read_text())
+    del document["train"]
+    path = write(tmp_path, yaml.safe_dump(document))
+    with pytest.raises(ConfigError, match=r"params.yaml: train: missing; "):
+        load_params(path)
+
+
+def test_a_catalog_entry_and_the_override_maps_may_be_sparse(tmp_path):
+    """Optional by meaning: a built-in data set needs no file keys; `methods` and `datasets`
+    override only what they name."""
+    document = default_document() | {"catalog": {"coat": {}}, "methods": {"umf": {"lr": 0.01}}}
+    params = load_params(write(tmp_path, yaml.safe_dump(document)))
+    assert params.catalog == {"coat": CatalogEntry()} and params.methods == {"umf": {"lr": 0.01}}
 
 
 @pytest.mark.parametrize(

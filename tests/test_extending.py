@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from params_file import write_params
 from planted import planted_feedback
 
 from ubo_core.config import Params
@@ -72,7 +73,7 @@ def test_the_guides_catalog_example_is_a_valid_catalog(tmp_path):
     block = guide_block("catalog:\n")
     catalog = yaml.safe_load(block.replace("  ...\n", ""))["catalog"]
     path = tmp_path / "params.yaml"
-    path.write_text(yaml.safe_dump({"catalog": catalog}))
+    write_params(path, yaml.safe_dump({"catalog": catalog}))
     from ubo_core.config import load_params
     from ubo_core.datasets.registry import datasets
 

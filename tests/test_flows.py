@@ -36,6 +36,7 @@ from typing import Any
 
 import mlflow
 import numpy as np
+import psutil
 import pytest
 from flow_helpers import FAULT_HOOK, REPO, make_repo_copy
 from mlflow import MlflowClient
@@ -84,6 +85,7 @@ class Stack:
     fault_file: Path
     services: Services
     token: str  # makes experiment names unique (they must not show up in the repo's store)
+    worker_env: dict[str, str]  # the training workers' environment (to restart one)
 
     def experiment(self, scenario: str) -> str:
         return f"test-flows-{scenario}-{self.token}"
@@ -126,6 +128,7 @@ def stack(tmp_path_factory) -> Iterator[Stack]:
             "server",
             ["server", "start", "--host", "127.0.0.1", "--port", str(port), "--no-ui"],
             cwd=root,
+            stop_last=True,  # the workers first (flows/services.py)
         )
         wait_healthy(api_url, services)
         with temporary_settings(updates={PREFECT_API_URL: api_url}):
@@ -135,20 +138,31 @@ def stack(tmp_path_factory) -> Iterator[Stack]:
             fault_file = root / "fault"
             train_env = env | {"PYTHONPATH": str(hook_dir), "UBO_TEST_FAULT_FILE": str(fault_file)}
             for name in TRAIN_WORKERS:
-                services.start(
-                    f"worker-{name}",
-                    ["worker", "start", "--pool", TRAIN_POOL, "--limit", "1", "--name", name],
-                    repo,
-                    env=train_env,
-                )
+                start_training_worker(services, name, repo, train_env)
             yield Stack(
-                root, repo, tracking_uri, api_url, fault_file, services, uuid.uuid4().hex[:8]
+                root,
+                repo,
+                tracking_uri,
+                api_url,
+                fault_file,
+                services,
+                uuid.uuid4().hex[:8],
+                train_env,
             )
     finally:
         services.stop()
         mlflow.set_tracking_uri(None)  # it also exported MLFLOW_TRACKING_URI: undo both
         if before is not None:
             os.environ["MLFLOW_TRACKING_URI"] = before
+
+
+def start_training_worker(services: Services, name: str, repo: Path, env: dict[str, str]):
+    return services.start(
+        f"worker-{name}",
+        ["worker", "start", "--pool", TRAIN_POOL, "--limit", "1", "--name", name],
+        repo,
+        env=env,
+    )
 
 
 def create_pools() -> None:
@@ -205,7 +219,7 @@ def children_of(parent) -> dict[str, Any]:
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterTags
 
-    from flows.benchmark import PARENT_TAG
+    from flows.children import PARENT_TAG
 
     with get_client(sync_client=True) as client:
         runs = client.read_flow_runs(
@@ -453,6 +467,70 @@ def test_failed_child_fails_the_parent_and_a_rerun_trains_only_that_child(stack)
     }
     markdown = study.results_for_flow_run(str(second.id), stack.repo)
     assert markdown is not None and "| seeds | 2 | 2 |" in markdown  # skipped runs count
+
+
+def test_a_child_whose_worker_dies_is_trained_again_on_a_live_worker_exactly_once(stack):
+    """Fault 1: a worker killed with SIGKILL (with the training it ran) left its child
+    RUNNING for ever and the study waiting for ever. The parent now declares a child without
+    a heartbeat for `stall_seconds` dead and submits it again."""
+    from prefect.client.orchestration import get_client
+    from prefect.deployments import run_deployment
+
+    experiment = stack.experiment("dead-worker")
+    stall = 75.0  # heartbeats come every 30 s (Prefect's minimum; prefect.yaml)
+    stack.fault_file.write_text("umf 0 hang")  # hangs after its first epoch
+    parameters = PARAMETERS | {"experiment": experiment, "methods": ["umf"]}
+    parent = run_deployment(
+        PARENT_DEPLOYMENT, parameters=parameters | {"stall_seconds": stall}, timeout=0
+    )
+    victim = None
+    try:
+        deadline = time.monotonic() + PARENT_TIMEOUT
+        while victim is None:
+            assert time.monotonic() < deadline, stack.services.tail()
+            hanging = children_of(parent).get("coat/umf/seed0")
+            runs = training_runs(experiment) if hanging is not None else {}
+            run = runs.get("coat/umf/seed0")
+            if (
+                run is not None
+                and MlflowClient().get_metric_history(run.info.run_id, "val/val_loss")
+                and hanging.infrastructure_pid
+            ):
+                victim = psutil.Process(int(hanging.infrastructure_pid.rsplit(":", 1)[-1]))
+            time.sleep(1)
+        worker = victim.parent()
+        name = next(n for n, p, *_ in stack.services.processes if p.pid == worker.pid)
+        worker.kill()
+        victim.kill()  # the machine is gone: its worker and the training on it
+        stack.services.processes[:] = [e for e in stack.services.processes if e[0] != name]
+        stack.fault_file.unlink()  # what is trained again, trains
+        start_training_worker(
+            stack.services, name.removeprefix("worker-"), stack.repo, stack.worker_env
+        )
+        with get_client(sync_client=True) as client:
+            deadline = time.monotonic() + PARENT_TIMEOUT + 2 * stall
+            while not (final := client.read_flow_run(parent.id)).state.is_final():
+                assert time.monotonic() < deadline, stack.services.tail()
+                time.sleep(1)
+    finally:
+        stack.fault_file.unlink(missing_ok=True)
+    assert final.state.is_completed(), f"{state_of(final)}\n{stack.services.tail()}"
+    with get_client(sync_client=True) as client:
+        from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterTags
+
+        from flows.children import PARENT_TAG
+
+        attempts = client.read_flow_runs(
+            flow_run_filter=FlowRunFilter(tags=FlowRunFilterTags(all_=[f"{PARENT_TAG}{parent.id}"]))
+        )
+    seed0 = sorted(
+        (r for r in attempts if r.name == "coat/umf/seed0"), key=lambda r: r.expected_start_time
+    )
+    assert [r.state.type.value for r in seed0] == ["CRASHED", "COMPLETED"]
+    assert "declared dead: no heartbeat" in (seed0[0].state.message or "")
+    runs = training_runs(experiment)  # fails on two active runs with one name
+    assert set(runs) == {"coat/umf/seed0", "coat/umf/seed1"}
+    assert all(run.info.status == "FINISHED" for run in runs.values())
 
 
 # -- 4. the repository was left alone ----------------------------------------------------------

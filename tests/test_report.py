@@ -11,6 +11,7 @@ import mlflow
 import numpy as np
 import pandas as pd
 import pytest
+from params_file import write_params
 
 from flows import report, report_runs, report_tables, run_identity, store, tracked_run
 from tests.test_tracking import write_processed
@@ -65,9 +66,10 @@ def study_store(tmp_path_factory):
     root = tmp_path_factory.mktemp("report")
     write_processed(root, "coat")
     write_processed(root, "ml100k", semisynthetic=True)
-    (root / "params.yaml").write_text(
+    write_params(
+        root / "params.yaml",
         f"data:\n  processed_dir: {root / 'processed'}\n"
-        "train: {mode: dense, epochs: 3, device: cpu, block_users: 8, dense_lr: 0.05}\n"
+        "train: {mode: dense, epochs: 3, device: cpu, block_users: 8, dense_lr: 0.05}\n",
     )
     before = os.environ.get("MLFLOW_TRACKING_URI")
     store.configure(store.default_tracking_uri(root), root)

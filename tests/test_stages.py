@@ -1,9 +1,13 @@
 """The stage command line: thin, strict, atomic. Runs on tiny files the test writes."""
 
+import errno
+import os
+import zipfile
 from pathlib import Path
 
 import numpy as np
 import pytest
+from params_file import write_params
 
 from ubo_core.data import FeedbackData
 from ubo_core.datasets.real import COAT_SHAPE
@@ -12,12 +16,13 @@ from ubo_core.stages import main
 
 def make_params(tmp_path: Path, extra: str = "") -> Path:
     path = tmp_path / "params.yaml"
-    path.write_text(
+    write_params(
+        path,
         "data:\n"
         f"  raw_dir: {tmp_path / 'raw'}\n"
         f"  interim_dir: {tmp_path / 'interim'}\n"
         f"  processed_dir: {tmp_path / 'processed'}\n"
-        f"  manual_dir: {tmp_path / 'manual'}\n" + extra
+        f"  manual_dir: {tmp_path / 'manual'}\n" + extra,
     )
     return path
 
@@ -107,3 +112,31 @@ def test_yahoo_missing_says_which_files_and_where(tmp_path, capsys, monkeypatch)
     assert str(tmp_path / "manual" / "yahoo") in err
     assert "Webscope" in err
     assert not (tmp_path / "raw" / "yahoo").exists()
+
+
+@pytest.mark.parametrize(
+    ("code", "words"), [(errno.ENOSPC, "No space left on device"), (errno.EROFS, "Read-only")]
+)
+def test_a_full_disk_or_read_only_folder_is_one_line_naming_the_output(
+    tmp_path, capsys, monkeypatch, code, words
+):
+    """Fault 7: a disk or folder fault while a stage writes its output was a long traceback
+    naming no path. The output (and the one before it) is left whole."""
+    params = make_params(tmp_path)
+    write_fake_coat(tmp_path / "raw" / "coat")
+    assert main(["prepare", "coat", "--params", str(params)]) == 0
+    before = (tmp_path / "interim" / "coat" / "dataset.npz").read_bytes()
+    real_writestr = zipfile.ZipFile.writestr
+
+    def failing_writestr(self, *args, **kwargs):
+        raise OSError(code, os.strerror(code))
+
+    monkeypatch.setattr(zipfile.ZipFile, "writestr", failing_writestr)
+    assert main(["prepare", "coat", "--params", str(params)]) == 1
+    err = capsys.readouterr().err
+    target = tmp_path / "interim" / "coat" / "dataset.npz"
+    assert err.startswith(f"error: {target}: cannot write (") and words in err, err
+    assert err.count("\n") == 1
+    monkeypatch.setattr(zipfile.ZipFile, "writestr", real_writestr)
+    assert target.read_bytes() == before  # the last good output stays
+    assert [p.name for p in target.parent.iterdir() if p.name.startswith(".")] == []

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 from mlflow import MlflowClient
 from mlflow.entities import ViewType
+from params_file import write_params
 
 from flows import run_identity, study, tracked_run
 from flows.run_identity import code_version, data_version, flatten, git_commit, run_key
@@ -87,7 +88,7 @@ def store(tmp_path_factory) -> Iterator[Path]:
     root = tmp_path_factory.mktemp("tracking")
     write_processed(root, "coat")
     write_processed(root, "ml100k", semisynthetic=True)
-    (root / "params.yaml").write_text(f"data:\n  processed_dir: {root / 'processed'}\n")
+    write_params(root / "params.yaml", f"data:\n  processed_dir: {root / 'processed'}\n")
     before = os.environ.get("MLFLOW_TRACKING_URI")
     yield root
     # mlflow.set_tracking_uri also exports MLFLOW_TRACKING_URI (for subprocesses): undo both
@@ -368,7 +369,7 @@ def test_code_version_hashes_code_not_commits_plus_dirty_and_unknown_outside_git
         # Identity via -c: the test machine may have no git config.
         return subprocess.run(command, check=True, capture_output=True, text=True).stdout
 
-    (tmp_path / "params.yaml").write_text("train: {}\n")
+    write_params(tmp_path / "params.yaml", "train: {}\n")
     (tmp_path / "README.md").write_text("x\n")
     git("init", "-q")
     git("add", ".")
@@ -380,7 +381,7 @@ def test_code_version_hashes_code_not_commits_plus_dirty_and_unknown_outside_git
     assert code_version(tmp_path) == clean
     git("commit", "-q", "-am", "docs only")  # a new commit, the same code
     assert code_version(tmp_path) == clean and git_commit(tmp_path) != sha
-    (tmp_path / "params.yaml").write_text("train: {lr: 0.1}\n")  # config: in the run key
+    write_params(tmp_path / "params.yaml", "train: {lr: 0.1}\n")  # config: in the run key
     assert code_version(tmp_path) == clean
     (tmp_path / "ubo_core").mkdir()
     (tmp_path / "ubo_core" / "a.py").write_text("x = 1\n")  # untracked code counts

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+from params_file import add_sections, write_params
 from test_tracking import write_processed  # the shared tiny processed data set
 
 from ubo_core.config import Params, load_params
@@ -28,10 +29,11 @@ def test_registry_has_the_papers_nine_methods_and_the_control():
 
 def test_layers_override_in_order(tmp_path):
     path = tmp_path / "params.yaml"
-    path.write_text(
+    write_params(
+        path,
         "train:\n  lr: 0.002\n"
         "methods:\n  relmf:\n    lr: 0.003\n    clip: 0.2\n"
-        "datasets:\n  coat:\n    relmf:\n      clip: 0.3\n"
+        "datasets:\n  coat:\n    relmf:\n      clip: 0.3\n",
     )
     params = load_params(path)
     train, hyper = resolve_config(params, "yahoo", "relmf")
@@ -58,7 +60,7 @@ def test_layers_override_in_order(tmp_path):
 )
 def test_bad_method_params_fail_at_load_naming_the_key(tmp_path, yaml_text, key):
     path = tmp_path / "params.yaml"
-    path.write_text(yaml_text)
+    write_params(path, yaml_text)
     with pytest.raises(ConfigError) as caught:
         check_method_params(load_params(path))
     assert f": {key}" in str(caught.value), str(caught.value)
@@ -83,7 +85,7 @@ def tiny_processed(root: Path) -> Path:
     """A tiny processed Coat-named data set under root/processed and a params.yaml using it."""
     write_processed(root, "coat")
     params = root / "params.yaml"
-    params.write_text(f"data:\n  processed_dir: {root / 'processed'}\n")
+    write_params(params, f"data:\n  processed_dir: {root / 'processed'}\n")
     return params
 
 
@@ -107,7 +109,7 @@ def test_cli_prints_one_json_line_with_the_metrics(tmp_path, capsys):
 
 def test_cli_missing_data_names_the_dvc_command(tmp_path, capsys):
     params = tmp_path / "params.yaml"
-    params.write_text(f"data:\n  processed_dir: {tmp_path / 'nothing'}\n")
+    write_params(params, f"data:\n  processed_dir: {tmp_path / 'nothing'}\n")
     assert main(["--dataset", "yahoo", "--method", "ubo", "--params", str(params)]) == 1
     err = capsys.readouterr().err
     assert "dvc repro validation@yahoo" in err and err.startswith("error: ")
@@ -150,7 +152,7 @@ def test_command_line_mistakes_name_the_flag_in_one_line(tmp_path, capsys, argv,
 
 def test_a_bad_value_in_params_yaml_is_blamed_on_its_section(tmp_path, capsys):
     params = tiny_processed(tmp_path)
-    params.write_text(params.read_text() + "methods:\n  umf:\n    lr: -1\n")
+    add_sections(params, "methods:\n  umf:\n    lr: -1\n")
     assert main(["--dataset", "coat", "--method", "umf", "--params", str(params)]) == 1
     assert "error: params.yaml: methods.umf.lr: -1.0 is out of range" in capsys.readouterr().err
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import mlflow
 import numpy as np
+import params_file
 import pytest
 import yaml
 from mlflow import MlflowClient
@@ -51,9 +52,10 @@ tuning:
 
 def write_params(root: Path, extra: str = SPACE) -> Path:
     path = root / "params.yaml"
-    path.write_text(
+    params_file.write_params(
+        path,
         f"data:\n  processed_dir: {root / 'processed'}\n"
-        "train:\n  mode: dense\n  epochs: 4\n  device: cpu\n  block_users: 8\n" + extra
+        "train:\n  mode: dense\n  epochs: 4\n  device: cpu\n  block_users: 8\n" + extra,
     )
     return path
 
@@ -212,7 +214,7 @@ def test_a_study_logs_every_trial_and_is_reused(mlflow_store):
 
 def test_default_values_are_the_untuned_config_clipped_into_the_space(tmp_path):
     path = write_params(tmp_path)
-    path.write_text(path.read_text() + "methods:\n  cjmf: {n_models: 4}\n")
+    params_file.add_sections(path, "methods:\n  cjmf: {n_models: 4}\n")
     params = load_params(path)
     assert default_values(params, "umf", knobs(params, "umf")) == {
         "weight_decay": 1e-6,
@@ -225,7 +227,7 @@ def test_a_trial_starts_from_the_untuned_defaults(tmp_path):
     """Values an earlier search wrote (`datasets:`) must not constrain the next one."""
     write_processed(tmp_path, "coat")
     path = write_params(tmp_path)
-    path.write_text(path.read_text() + "datasets:\n  coat:\n    umf: {epochs: 1, dense_lr: 0.5}\n")
+    params_file.add_sections(path, "datasets:\n  coat:\n    umf: {epochs: 1, dense_lr: 0.5}\n")
     params = load_params(path)
     data = FeedbackData.load(tmp_path / "processed" / "coat" / "dataset.npz", with_test=False)
     outcome = run_trial(data, params, "coat", "umf", {"dense_lr": 0.05}, seed=0)
@@ -300,10 +302,10 @@ def test_the_unexposed_test_lists_are_not_loaded_for_tuning(tmp_path):
 def test_apply_keeps_the_pairs_the_store_did_not_tune(tmp_path):
     """A partial re-tune (one data set's methods, or a fresh store) replaces only its pairs."""
     path = write_params(tmp_path)
-    path.write_text(
-        path.read_text()
-        + "datasets:\n  coat:\n    umf: {epochs: 5}\n    bpr: {epochs: 6}\n"
-        + "  yahoo:\n    umf: {epochs: 7}\n"
+    params_file.add_sections(
+        path,
+        "datasets:\n  coat:\n    umf: {epochs: 5}\n    bpr: {epochs: 6}\n"
+        + "  yahoo:\n    umf: {epochs: 7}\n",
     )
     merged, kept = merged_choices(
         load_params(path), {"coat": {"umf": {"epochs": 2}}, "ml100k": {"ubo": {"epochs": 3}}}
@@ -323,7 +325,7 @@ def test_apply_for_some_data_sets_takes_only_their_studies(tmp_path, monkeypatch
     from flows import tune as tune_cli
 
     path = write_params(tmp_path)
-    path.write_text(path.read_text() + "datasets:\n  coat:\n    umf: {epochs: 5}\n")
+    params_file.add_sections(path, "datasets:\n  coat:\n    umf: {epochs: 5}\n")
     monkeypatch.setattr(tune_cli.store, "configure", lambda *args: None)
     monkeypatch.setattr(tune_cli.store, "get_experiment_id", lambda *args: "0")
     store = {"coat": {"umf": {"epochs": 2}}, "ml100k": {"umf": {"epochs": 3}}}

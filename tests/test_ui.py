@@ -24,6 +24,7 @@ from pathlib import Path
 
 import mlflow
 import pytest
+from params_file import write_params
 from test_tracking import write_processed
 
 from flows.store import configure, get_experiment_id
@@ -63,7 +64,7 @@ def mlflow_store(tmp_path, monkeypatch) -> str:
     seed 0; 3 epochs, so every per-epoch metric is a curve of 3 points)."""
     root = tmp_path / "repo"
     write_processed(root, "coat")
-    (root / "params.yaml").write_text(f"data:\n  processed_dir: {root / 'processed'}\n")
+    write_params(root / "params.yaml", f"data:\n  processed_dir: {root / 'processed'}\n")
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     before = os.environ.get("MLFLOW_TRACKING_URI")
     uri = configure(f"sqlite:///{root / 'mlflow.db'}", root)

@@ -2,6 +2,14 @@
 
 One frozen dataclass per section. Unknown keys, missing keys, wrong types and out-of-range
 values raise `ConfigError` naming the dotted key. Nothing else in `ubo_core` reads YAML.
+
+The rule for missing keys (docs/CONFIG.md): params.yaml gives every key of every section,
+so the file a user reads is the whole configuration; a missing one is an error that names
+every missing key. The exceptions are overrides and optional entries, each optional by
+meaning: `methods` and `datasets` override train keys and each method's own knobs (whose
+defaults are the method's `Hyper` class: `python -m ubo_core.train --show-config` prints a
+run's resolved values), and a catalog entry's keys (a built-in data set needs none). The
+dataclasses' defaults serve code that builds a config directly (tests, the Python API).
 """
 
 from __future__ import annotations
@@ -92,6 +100,10 @@ class ValidationConfig:
 
 @dataclass(frozen=True)
 class CatalogEntry:
+    OPTIONAL: typing.ClassVar[frozenset[str]] = frozenset(
+        {"display", "train", "test", "n_items", "min_user_interactions"}
+    )
+
     """One data set the pipeline builds: params.yaml `catalog.<name>` (docs/EXTENDING.md).
 
     A built-in name (ubo_core/datasets/registry.py: coat, yahoo, ml100k, amazon_cds) needs
@@ -277,6 +289,10 @@ class Params:
     loaded, and resolved by `ubo_core.methods.resolve_config`.
     """
 
+    # Overrides, optional by meaning: absent is "no override" (an untuned study has no
+    # `datasets:` block).
+    OPTIONAL: typing.ClassVar[frozenset[str]] = frozenset({"methods", "datasets"})
+
     data: DataPaths = field(default_factory=DataPaths)
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
@@ -345,11 +361,55 @@ def load_params(path: str | Path = "params.yaml") -> Params:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as error:
         raise ConfigError("(file)", f"not valid YAML ({error})", source=path) from error
+    raw = raw if raw is not None else {}
     try:
-        params = build(Params, raw if raw is not None else {}, "")
+        params = build(Params, raw, "")
     except ConfigError as error:
         raise ConfigError(error.key, str(error).split(": ", 2)[-1], source=path) from None
+    if missing := missing_keys(Params, raw, ""):
+        raise ConfigError(
+            ", ".join(missing),
+            "missing; params.yaml gives every key of its sections (docs/CONFIG.md), so a "
+            "deleted line never falls back to a default silently",
+            source=path,
+        )
     return params
+
+
+def default_document() -> dict[str, Any]:
+    """Every key of params.yaml at the code's defaults, as YAML would hold it: the template a
+    new params.yaml starts from (`python -m ubo_core.config`)."""
+
+    def plain(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {key: plain(each) for key, each in value.items()}
+        return str(value) if isinstance(value, Path) else value
+
+    return plain(dataclasses.asdict(Params()))
+
+
+def missing_keys(cls: type, raw: Any, prefix: str) -> list[str]:
+    """The dotted keys of dataclass `cls` (and its dataclass-valued fields, recursively)
+    that mapping `raw` leaves out, in the dataclass's order; a class's `OPTIONAL` keys may be
+    left out. `raw` has already been built, so its types are right."""
+    optional = getattr(cls, "OPTIONAL", frozenset())
+    hints = typing.get_type_hints(cls)
+    missing = []
+    for each in dataclasses.fields(cls):
+        if each.name in optional:
+            continue
+        if each.name not in raw:
+            missing.append(f"{prefix}{each.name}")
+            continue
+        hint = hints[each.name]
+        if dataclasses.is_dataclass(hint):
+            missing += missing_keys(hint, raw[each.name], f"{prefix}{each.name}.")
+        elif typing.get_origin(hint) is dict:
+            value_hint = typing.get_args(hint)[1]
+            if dataclasses.is_dataclass(value_hint):
+                for name, entry in raw[each.name].items():
+                    missing += missing_keys(value_hint, entry, f"{prefix}{each.name}.{name}.")
+    return missing
 
 
 def _check_duplicate_keys(node: yaml.Node | None, prefix: str, path: Path) -> None:
@@ -453,3 +513,8 @@ def check_choice(key: str, value: str, choices: Iterable[str]) -> None:
     choices = list(choices)
     if value not in choices:
         raise ConfigError(key, f"unknown value {value!r}; expected one of {choices}")
+
+
+if __name__ == "__main__":
+    # `python -m ubo_core.config`: a complete params.yaml at the code's defaults.
+    print(yaml.safe_dump(default_document(), sort_keys=False), end="")

@@ -43,8 +43,11 @@ def atomic_path(target: Path) -> Iterator[Path]:
     `target` is left exactly as it was.
     """
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    except OSError as error:
+        raise DataError(target, f"cannot write here ({error.strerror or error})") from None
     tmp_target = tmp / target.name
     try:
         yield tmp_target
@@ -53,6 +56,13 @@ def atomic_path(target: Path) -> Iterator[Path]:
         if target.is_dir() and not target.is_symlink():
             shutil.rmtree(target)
         os.replace(tmp_target, target)
+    except OSError as error:
+        # A full disk or a read-only folder while writing (the error names the temporary,
+        # or no file at all): say which output could not be written. An error about another
+        # file (an input the body read) is the body's own.
+        if error.filename is not None and not str(error.filename).startswith(str(tmp)):
+            raise
+        raise DataError(target, f"cannot write ({error.strerror or error})") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

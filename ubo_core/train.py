@@ -2,6 +2,7 @@
 
     python -m ubo_core.train --dataset coat --method ubo --seed 0 [--mode paper|dense]
         [--device auto|cpu|cuda] [--epochs N] [--set key=value ...] [--params params.yaml]
+        [--show-config]
 
 Shows a progress bar (epoch, loss, validation loss, speed) on stderr and ends by printing one
 JSON line on stdout: dcg@1..3, map@1..3 (and pcc on semi-synthetic data), seconds, device.
@@ -10,9 +11,11 @@ JSON line on stdout: dcg@1..3, map@1..3 (and pcc on semi-synthetic data), second
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import yaml
@@ -52,6 +55,21 @@ def result_line(
     return line
 
 
+def resolved_yaml(train: Any, hyper: Any, method: str) -> str:
+    """The run's configuration as params.yaml would spell it: every train key, then the
+    method's own knobs (defaults of its Hyper class unless params.yaml overrides them)."""
+
+    def plain(config: Any) -> dict[str, Any]:
+        return {
+            key: str(value) if isinstance(value, Path) else value
+            for key, value in dataclasses.asdict(config).items()
+        }
+
+    return yaml.safe_dump(
+        {"train": plain(train), "methods": {method: plain(hyper)}}, sort_keys=False
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m ubo_core.train", description=__doc__.split("\n")[0]
@@ -73,6 +91,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument(
+        "--show-config",
+        action="store_true",
+        help="print the run's resolved train keys and method knobs (YAML) and exit",
+    )
     args = parser.parse_args(argv)
     try:
         if args.seed < 0:
@@ -94,6 +117,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             if getattr(args, key) is not None:
                 overrides[key] = getattr(args, key)
         train, hyper = resolve_config(params, args.dataset, args.method, overrides)
+        if args.show_config:
+            print(resolved_yaml(train, hyper, args.method), end="")
+            return 0
         data = load_processed(params.data.processed_dir, args.dataset)
         result = fit(args.method, data, train, hyper, args.seed, progress=not args.no_progress)
     except UboError as error:

@@ -1,0 +1,199 @@
+"""A parent flow's children: submit one flow run per cell, wait for all of them, and survive
+workers that die.
+
+A worker killed with SIGKILL (a lost machine, the OOM killer) leaves its child run PENDING
+(claimed, never started) or RUNNING (its process gone) for ever: Prefect itself never
+finishes it. The parent therefore watches its children:
+
+- a child PENDING for longer than `stall_seconds`, or RUNNING without a heartbeat
+  (`prefect.flow-run.heartbeat` events; the training deployments send one every
+  HEARTBEAT_SECONDS, prefect.yaml) for that long, is dead: the parent marks it Crashed and
+  submits the cell again, to whichever worker is free, at most `resubmits` times;
+- when no worker of the children's pool has been seen for `stall_seconds` while children
+  wait, the parent fails with one line saying so (finished cells stay in MLflow: a rerun
+  trains only the rest);
+- a parent that fails or is stopped cancels the children it leaves waiting, so that no
+  worker trains them later for a parent that is gone.
+
+MLflow keeps one run per cell whatever happened: a resubmitted child deletes what the dead
+one left (flows/tracked_run.py), and a child declared dead by mistake can no longer finish
+its deleted run.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+from uuid import UUID
+
+from prefect.client.orchestration import SyncPrefectClient, get_client
+from prefect.client.schemas.objects import State, StateType
+from prefect.deployments import run_deployment
+from prefect.events.filters import (
+    EventFilter,
+    EventNameFilter,
+    EventOccurredFilter,
+    EventResourceFilter,
+)
+from prefect.runtime import flow_run as current_flow_run
+from prefect.states import Cancelled, Crashed
+
+PARENT_TAG = "ubo-parent:"  # children carry PARENT_TAG + the parent's flow run id (progress)
+HEARTBEAT_EVENT = "prefect.flow-run.heartbeat"
+HEARTBEAT_SECONDS = 30  # prefect.yaml's training deployments send one this often
+STALL_SECONDS = 300.0  # default of the flows' `stall_seconds`: 10 heartbeats missed
+
+
+@dataclass
+class Child:
+    """One cell of a parent flow: its deployment and parameters, and its current flow run."""
+
+    name: str
+    deployment: str
+    parameters: dict[str, Any]
+    flow_run_id: UUID | None = None
+    attempts: list[UUID] = field(default_factory=list)
+
+
+def submit(child: Child) -> Child:
+    """Submit `child` (again) without waiting, as a subflow of the current flow run and
+    tagged with its id (how `flows.local` shows progress)."""
+    flow_run = run_deployment(
+        child.deployment,
+        parameters=child.parameters,
+        timeout=0,
+        as_subflow=True,
+        flow_run_name=child.name,
+        tags=[f"{PARENT_TAG}{current_flow_run.id}"],
+    )
+    child.flow_run_id = flow_run.id
+    child.attempts.append(flow_run.id)
+    return child
+
+
+def _age(state: State, now: datetime) -> float:
+    return (now - state.timestamp).total_seconds() if state.timestamp else 0.0
+
+
+def _has_heartbeat(client: SyncPrefectClient, flow_run_id: UUID, since: datetime) -> bool:
+    page = client.read_events(
+        EventFilter(
+            occurred=EventOccurredFilter(since=since),
+            event=EventNameFilter(name=[HEARTBEAT_EVENT]),
+            resource=EventResourceFilter(id=[f"prefect.flow-run.{flow_run_id}"]),
+        ),
+        limit=1,
+    )
+    return bool(page.events)
+
+
+def dead_reason(
+    state: State, now: datetime, stall_seconds: float, heartbeat: Callable[[datetime], bool]
+) -> str | None:
+    """Why a child in `state` is dead, or None while it may still finish: PENDING too long
+    (its worker claimed it and died), or RUNNING with no heartbeat for `stall_seconds` (its
+    process died). `heartbeat(since)` says whether one arrived since then."""
+    if state.type == StateType.PENDING and _age(state, now) > stall_seconds:
+        return f"pending for {_age(state, now):.0f} s: its worker claimed it and never started it"
+    if (
+        state.type == StateType.RUNNING
+        and _age(state, now) > stall_seconds
+        and not heartbeat(now - timedelta(seconds=stall_seconds))
+    ):
+        return f"no heartbeat for {stall_seconds:.0f} s: its worker or process died"
+    return None
+
+
+def _pool_of(client: SyncPrefectClient, deployment: str) -> str | None:
+    return client.read_deployment_by_name(deployment).work_pool_name
+
+
+def _live_worker(client: SyncPrefectClient, pool: str, now: datetime, stall: float) -> bool:
+    return any(
+        worker.last_heartbeat_time is not None
+        and (now - worker.last_heartbeat_time).total_seconds() <= stall
+        for worker in client.read_workers_for_work_pool(pool)
+    )
+
+
+def wait_for_children(
+    children: list[Child],
+    poll_seconds: float,
+    stall_seconds: float = STALL_SECONDS,
+    resubmits: int = 2,
+    log: Callable[[str], None] = print,
+) -> list[State]:
+    """Poll until every child is in a final state, resubmitting dead ones (above); returns
+    each child's final state (of its last attempt), in order."""
+    final: dict[int, State] = {}
+    no_worker_since: float | None = None
+    with get_client(sync_client=True) as client:
+        deployments = {child.deployment for child in children}
+        pools = {pool for name in deployments if (pool := _pool_of(client, name))}
+        while len(final) < len(children):
+            now = datetime.now(UTC)
+            waiting = False
+            for index, child in enumerate(children):
+                if index in final:
+                    continue
+                state = client.read_flow_run(child.flow_run_id).state
+                if state is None:
+                    continue
+                if state.is_final():
+                    final[index] = state
+                    continue
+                waiting |= state.type in (StateType.SCHEDULED, StateType.PENDING)
+                reason = dead_reason(
+                    state,
+                    now,
+                    stall_seconds,
+                    lambda since, child=child: _has_heartbeat(client, child.flow_run_id, since),
+                )
+                if reason is None:
+                    continue
+                client.set_flow_run_state(
+                    child.flow_run_id, Crashed(message=f"declared dead: {reason}"), force=True
+                )
+                if len(child.attempts) > resubmits:
+                    log(f"{child.name}: {reason}; given up after {len(child.attempts)} attempts")
+                    final[index] = client.read_flow_run(child.flow_run_id).state
+                    continue
+                log(f"{child.name}: {reason}; submitted again")
+                submit(child)
+            if (
+                waiting
+                and pools
+                and not any(_live_worker(client, pool, now, stall_seconds) for pool in pools)
+            ):
+                no_worker_since = no_worker_since or time.monotonic()
+                if time.monotonic() - no_worker_since > stall_seconds:
+                    raise RuntimeError(
+                        f"no worker of work pool(s) {', '.join(sorted(pools))} has been seen "
+                        f"for {stall_seconds:.0f} s while {len(children) - len(final)} run(s) "
+                        "wait: start a worker (README, Several machines) and run the flow "
+                        "again; finished runs are kept"
+                    )
+            else:
+                no_worker_since = None
+            if len(final) < len(children):
+                time.sleep(poll_seconds)
+    return [final[index] for index in range(len(children))]
+
+
+def cancel_waiting(children: list[Child]) -> int:
+    """Cancel the children not yet running (a failed or stopped parent's); returns how many."""
+    cancelled = 0
+    with get_client(sync_client=True) as client:
+        for child in children:
+            if child.flow_run_id is None:
+                continue
+            state = client.read_flow_run(child.flow_run_id).state
+            if state is not None and state.type in (StateType.SCHEDULED, StateType.PENDING):
+                client.set_flow_run_state(
+                    child.flow_run_id, Cancelled(message="its parent flow run ended"), force=True
+                )
+                cancelled += 1
+    return cancelled
