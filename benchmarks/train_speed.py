@@ -1,23 +1,36 @@
-"""Training speed: pairs per second of every method in paper and dense mode, against the
-textbook PyTorch loop, on the same Yahoo-sized data (15,400 x 1,000), in one run.
+"""Training speed against what the machine can physically do, and against the libraries users
+would pick instead: every method and mode over whole epochs of Yahoo!-sized data.
 
-    python benchmarks/train_speed.py [--steps 300] [--methods ubo,umf,...] [--device cpu]
-        [--modes paper,paper_lazy,dense] [--batch-size 1024] [--profile ubo:paper_lazy]
+    python benchmarks/train_speed.py [--methods ubo,umf,...] [--modes paper,paper_lazy,dense]
+        [--epochs 1] [--max-steps 0] [--peers] [--device cpu] [--threads 1]
         [--data data/processed/yahoo/dataset.npz] [--out docs/train_speed.json]
+        [--profile ubo:paper_lazy]
 
-`--batch-size` changes paper mode's minibatch (the naive loop keeps 1024): five seeds trained
-side by side as one model would do five times a step's work per step, so a 5,120-pair batch
-bounds what that batching could gain.
+Each configuration runs in a fresh subprocess: the method is built as `fit` builds it, warmed
+up on a few steps, then timed over `--epochs` whole epochs, each from `sampler.epoch()` (the
+shuffle and, for BPR, the negative sampling included) to its last step. `--max-steps` cuts
+every epoch short (a smoke run; the table then says so).
 
-The naive reference is what a first PyTorch implementation of UMF looks like (torch's default
-threads): a DataLoader
-over a TensorDataset of all 15.4M training pairs (batch 1024, shuffled), nn.Embedding,
-autograd and torch.optim.Adam. Paper mode and the naive loop are timed over `--steps`
-minibatches after a warm-up; dense mode over whole epochs (its steps are blocks of users).
-When the processed Yahoo set is absent, a synthetic matrix of the same shape and density is
-used (timings do not depend on the labels' values). Peak memory is the process's maximum
-resident set size (CPU) or torch's peak allocation (CUDA), measured per configuration in a
-fresh subprocess.
+The limit ratio: in the same process, on the same shapes, the time the step's unavoidable
+work takes alone, divided by the measured time. So 1.0 means the step does nothing beyond
+that work; what counts as the work:
+- dense mode: the step's GEMMs. The step is run once under torch.profiler with shapes
+  recorded; every matrix product it issues (aten::mm, addmm, bmm) is then timed alone at its
+  shape (best of several), and their sum per step is the limit. The elementwise passes over
+  the block's cells, the gathers and the optimiser count as overhead.
+- paper mode: the optimiser's memory traffic, a fused Adam (torch's kernel) over the rows a
+  step updates, plus one gather of those rows: with exact Adam all of the method's tables
+  (every row moves by its momentum each step), with lazy Adam the batch's rows of each table
+  (1,024 per table per pair list, 2,048 item rows for BPR's triples). The arithmetic of a
+  1,024-pair step is small next to that traffic.
+
+Peers (`--peers`, needs `pip install -e '.[bench]'`): implicit's and cornac's BPR on the same
+training positives, 50 factors, one thread, one epoch each as the library defines it (one
+sampled triple per training positive), timed in triples per second beside ours.
+
+Peak memory is the subprocess's maximum resident set size (CPU) or torch's peak allocation
+(CUDA). When the processed Yahoo set is absent, a synthetic matrix of the same shape and
+density is used (timings do not depend on the labels' values).
 """
 
 from __future__ import annotations
@@ -25,6 +38,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import os
 import platform
 import resource
 import subprocess
@@ -35,19 +49,17 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
 
 from ubo_core.config import Params
 from ubo_core.data import FeedbackData
 from ubo_core.datasets.validation import build_validation_sets
 from ubo_core.engine import TrainingTensors, resolve_device
-from ubo_core.estimators import item_popularity_exposure, low_variance_loss
 from ubo_core.methods import METHODS, resolve_config
 from ubo_core.trainer import make_sampler
 
 REPO = Path(__file__).resolve().parents[1]
-
 YAHOO_SHAPE = (15_400, 1_000)
+GEMMS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::matmul"}
 
 
 def load_data(path: Path) -> tuple[FeedbackData, str]:
@@ -76,103 +88,110 @@ def load_data(path: Path) -> tuple[FeedbackData, str]:
     return build_validation_sets(data, Params().validation), "synthetic 15,400 x 1,000"
 
 
-def naive_loop(tensors: TrainingTensors, steps: int) -> float:
-    """Textbook UMF: DataLoader + nn.Embedding + autograd + torch.optim.Adam. Pairs/s."""
-    index = tensors.pair_index.cpu()
-    n_items = tensors.n_items
-    dataset = TensorDataset(index // n_items, index % n_items, tensors.labels.view(-1).cpu()[index])
-    loader = DataLoader(dataset, batch_size=1024, shuffle=True)
-    user_emb = nn.Embedding(tensors.n_users, 50)
-    item_emb = nn.Embedding(tensors.n_items, 50)
-    nn.init.normal_(user_emb.weight, std=0.1)
-    nn.init.normal_(item_emb.weight, std=0.1)
-    theta = item_popularity_exposure(tensors.item_popularity.cpu()).float().clamp_min(1e-3)
-    optimizer = torch.optim.Adam([*user_emb.parameters(), *item_emb.parameters()], lr=1e-3)
-    started, done = None, 0
-    for step, (users, items, labels) in enumerate(loader):
-        if step == 10:
-            started, done = time.perf_counter(), 0
-        logits = (user_emb(users) * item_emb(items)).sum(1)
-        loss = low_variance_loss(logits, theta[items], labels).mean()
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        done += users.numel()
-        if step == steps + 10:
-            break
-    assert started is not None
-    return done / (time.perf_counter() - started)
-
-
-def build(tensors: TrainingTensors, name: str, mode: str, device: str, batch_size: int = 1024):
-    """The method and sampler of one configuration, threads set as fit() would set them."""
+def build(tensors: TrainingTensors, name: str, mode: str, device: str, threads: int):
+    """The method and sampler of one configuration as fit() builds them."""
     # "paper_lazy": paper mode with optimizer lazy_adam (SparseAdam semantics).
     optimizer = "lazy_adam" if mode == "paper_lazy" else "adam"
     mode = "paper" if mode == "paper_lazy" else mode
-    overrides = {"mode": mode, "device": device, "optimizer": optimizer, "batch_size": batch_size}
+    overrides = {"mode": mode, "device": device, "optimizer": optimizer, "threads": threads}
     train, hyper = resolve_config(Params(), "yahoo", name, overrides)
-    threads = train.cpu_threads()  # what fit() would use: 1 in paper mode, all cores in dense
-    if tensors.device.type == "cpu" and threads is not None:
-        torch.set_num_threads(threads)
+    if tensors.device.type == "cpu":
+        torch.set_num_threads(train.cpu_threads() or torch.get_num_threads())
     generator = torch.Generator(device=tensors.device).manual_seed(0)
     method = METHODS[name](tensors, train, hyper, generator)
-    return method, make_sampler(METHODS[name].sampling, tensors, train, generator), mode
-
-
-def profile_steps(
-    tensors: TrainingTensors, config: str, device: str, batch_size: int, steps: int = 100
-) -> None:
-    """torch.profiler over `steps` steps of `config` (method:mode): the operations one step
-    issues and where its CPU time goes (on CUDA: host-side time only, not kernel time)."""
-    name, _, mode = config.partition(":")
-    method, sampler, mode = build(tensors, name, mode or "paper_lazy", device, batch_size)
-    batches = itertools.chain.from_iterable(sampler.epoch() for _ in itertools.count())
-    for _ in range(10):
-        method.step(next(batches))
-    with torch.profiler.profile() as prof:
-        for _ in range(steps):
-            method.step(next(batches))
-    events = prof.key_averages()
-    ops = [e for e in events if e.key.startswith("aten::")]
-    total_us = sum(e.self_cpu_time_total for e in events)
-    print(
-        f"{config}: {sum(e.count for e in ops) / steps:.0f} aten operations and "
-        f"{total_us / steps:.0f} us of self CPU time per step (under the profiler)"
-    )
-    print(events.table(sort_by="self_cpu_time_total", row_limit=15))
-
-
-def method_speed(
-    tensors: TrainingTensors, name: str, mode: str, steps: int, device: str, batch_size: int = 1024
-) -> float:
-    method, sampler, mode = build(tensors, name, mode, device, batch_size)
-    if METHODS[name].sampling == "full" or mode == "dense":
-        # Whole epochs: one warm-up, then enough epochs for ~2 s.
-        for batch in sampler.epoch():
-            method.step(batch)
-        pairs, started = 0, time.perf_counter()
-        while time.perf_counter() - started < 2.0:
-            for batch in sampler.epoch():
-                method.step(batch)
-                pairs += batch.n_examples
-        _sync(tensors.device)
-        return pairs / (time.perf_counter() - started)
-    batches = sampler.epoch()
-    for _ in range(10):
-        method.step(next(batches))
-    _sync(tensors.device)
-    pairs, started = 0, time.perf_counter()
-    for _ in range(steps):
-        batch = next(batches)
-        method.step(batch)
-        pairs += batch.n_examples
-    _sync(tensors.device)
-    return pairs / (time.perf_counter() - started)
+    return method, make_sampler(METHODS[name].sampling, tensors, train, generator), train
 
 
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
+
+
+def best_time(fn, device: torch.device, repeats: int = 7) -> float:
+    """Seconds of one call of fn, the best of `repeats` after a warm-up."""
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        _sync(device)
+        started = time.perf_counter()
+        fn()
+        _sync(device)
+        best = min(best, time.perf_counter() - started)
+    return best
+
+
+def gemm_limit(method, batch, device: torch.device) -> tuple[float, int]:
+    """Seconds the step's own matrix products take alone, and how many it issues."""
+    with torch.profiler.profile(record_shapes=True) as prof:
+        method.step(batch)
+    total, count = 0.0, 0
+    for event in prof.events():
+        if (
+            event.name not in GEMMS
+            or event.cpu_parent is not None
+            and (event.cpu_parent.name in GEMMS)
+        ):
+            continue
+        shapes = [s for s in event.input_shapes if s]
+        count += 1
+        if event.name == "aten::addmm":
+            shapes = shapes[1:3]
+        left = torch.randn(shapes[0], device=device)
+        right = torch.randn(shapes[1], device=device)
+        op = torch.bmm if event.name == "aten::bmm" else torch.mm
+        total += best_time(lambda op=op, left=left, right=right: op(left, right), device)
+    return total, count
+
+
+def trainable_tables(method) -> list[nn.Parameter]:
+    seen, tables = set(), []
+    for value in vars(method).values():
+        if isinstance(value, nn.Parameter) and id(value) not in seen:
+            seen.add(id(value))
+            tables.append(value)
+    return tables
+
+
+def adam_limit(method, lazy: bool, rows_per_step: int, device: torch.device) -> float:
+    """Seconds of a fused Adam over the rows a step updates, plus one gather of those rows."""
+    tables = trainable_tables(method)
+    count = torch.zeros((), device=device)
+    total = 0.0
+    for table in tables:
+        rows = table.shape[0] if not lazy or table.ndim < 2 else min(rows_per_step, table.shape[0])
+        shape = (rows, *table.shape[1:])
+        p, g, m, v = (torch.rand(shape, device=device) for _ in range(4))
+        index = torch.randint(table.shape[0], (rows,), device=device)
+        source = table.detach()
+
+        def update(p=p, g=g, m=m, v=v, index=index, source=source, lazy=lazy):
+            if lazy and source.ndim == 2:
+                source.index_select(0, index)
+            torch._fused_adam_(
+                [p], [g], [m], [v], [], [count], amsgrad=False, lr=1e-3, beta1=0.9,
+                beta2=0.999, weight_decay=0.0, eps=1e-8, maximize=False,
+            )  # fmt: skip
+
+        total += best_time(update, device)
+    return total
+
+
+def time_epochs(method, sampler, epochs: int, max_steps: int, device: torch.device):
+    """Examples per second over whole epochs, shuffle included; and the steps timed."""
+    warm = sampler.epoch()
+    for batch in itertools.islice(warm, 3):
+        method.step(batch)
+    del warm
+    _sync(device)
+    examples = steps = 0
+    started = time.perf_counter()
+    for _ in range(epochs):
+        for batch in itertools.islice(sampler.epoch(), max_steps or None):
+            method.step(batch)
+            examples += batch.n_examples
+            steps += 1
+    _sync(device)
+    return examples / (time.perf_counter() - started), steps, time.perf_counter() - started
 
 
 def peak_memory_mib(device: torch.device) -> float:
@@ -185,85 +204,161 @@ def run_one(args: argparse.Namespace) -> dict:
     device = resolve_device(args.device)
     data, source = load_data(Path(args.data))
     tensors = TrainingTensors(data, device)
-    if args.one == "naive":
-        speed = naive_loop(tensors, args.steps)
+    name, mode = args.one.split(":")
+    method, sampler, train = build(tensors, name, mode, args.device, args.threads)
+    speed, steps, seconds = time_epochs(method, sampler, args.epochs, args.max_steps, device)
+    batch = next(iter(sampler.epoch()))
+    step_seconds = seconds / steps
+    if mode == "dense" or METHODS[name].sampling == "full":
+        limit, gemms = gemm_limit(method, batch, device)
+        kind = f"{gemms} GEMMs"
     else:
-        name, mode = args.one.split(":")
-        speed = method_speed(tensors, name, mode, args.steps, args.device, args.batch_size)
+        rows = 2 * batch.n_examples if METHODS[name].sampling == "triples" else batch.n_examples
+        limit = adam_limit(method, mode == "paper_lazy", rows, device)
+        kind = "fused Adam, lazy rows" if mode == "paper_lazy" else "fused Adam, all rows"
     return {
         "config": args.one,
-        "pairs_per_second": speed,
+        "examples_per_second": speed,
+        "steps": steps,
+        "seconds": seconds,
+        "limit_ratio": limit / step_seconds,
+        "limit": kind,
+        "threads": torch.get_num_threads(),
         "peak_mib": peak_memory_mib(device),
         "data": source,
+        "epoch_examples": tensors.n_train_pairs(),
     }
+
+
+def peers(data: FeedbackData, threads: int) -> list[dict]:
+    """implicit's and cornac's BPR on the training positives: triples per second."""
+    import scipy.sparse as sp
+
+    users, items = data.train_positives()
+    matrix = sp.csr_matrix(
+        (np.ones(users.size, np.float32), (users, items)), shape=(data.n_users, data.n_items)
+    )
+    rows = []
+    from implicit.cpu.bpr import BayesianPersonalizedRanking
+
+    model = BayesianPersonalizedRanking(
+        factors=50, iterations=1, num_threads=threads, random_state=0
+    )
+    model.fit(matrix, show_progress=False)  # warm-up (thread pools, first-call work)
+    started = time.perf_counter()
+    model.fit(matrix, show_progress=False)
+    seconds = time.perf_counter() - started
+    rows.append({"peer": "implicit 0.7 BPR", "triples_per_second": users.size / seconds})
+
+    import cornac
+    from cornac.data import Dataset
+
+    triples = list(zip(users.tolist(), items.tolist(), [1.0] * users.size, strict=True))
+    train_set = Dataset.from_uir(triples, seed=0)
+    bpr = cornac.models.BPR(k=50, max_iter=1, seed=0, verbose=False)
+    bpr.fit(train_set)
+    started = time.perf_counter()
+    bpr.fit(train_set)
+    seconds = time.perf_counter() - started
+    rows.append({"peer": "cornac 3 BPR", "triples_per_second": users.size / seconds})
+    return rows
+
+
+def profile_steps(args: argparse.Namespace, steps: int = 100) -> None:
+    """torch.profiler over `steps` steps of `--profile` (method:mode)."""
+    data, _ = load_data(Path(args.data))
+    tensors = TrainingTensors(data, resolve_device(args.device))
+    name, _, mode = args.profile.partition(":")
+    method, sampler, _ = build(tensors, name, mode or "paper_lazy", args.device, args.threads)
+    batches = itertools.chain.from_iterable(sampler.epoch() for _ in itertools.count())
+    for _ in range(10):
+        method.step(next(batches))
+    with torch.profiler.profile() as prof:
+        for _ in range(steps):
+            method.step(next(batches))
+    events = prof.key_averages()
+    ops = [e for e in events if e.key.startswith("aten::")]
+    total_us = sum(e.self_cpu_time_total for e in events)
+    print(
+        f"{args.profile}: {sum(e.count for e in ops) / steps:.0f} aten operations and "
+        f"{total_us / steps:.0f} us of self CPU time per step (under the profiler)"
+    )
+    print(events.table(sort_by="self_cpu_time_total", row_limit=15))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--modes", default="paper,paper_lazy,dense")
+    parser.add_argument("--epochs", type=int, default=1)
+    parser.add_argument("--max-steps", type=int, default=0, help="cut epochs short (smoke)")
+    parser.add_argument("--threads", type=int, default=1, help="CPU threads (0: fit's choice)")
+    parser.add_argument("--peers", action="store_true", help="implicit and cornac BPR too")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--batch-size", type=int, default=1024, help="paper mode's minibatch")
     parser.add_argument("--data", default=str(REPO / "data/processed/yahoo/dataset.npz"))
     parser.add_argument("--out", default="")
     parser.add_argument("--one", default="", help=argparse.SUPPRESS)  # internal: one subprocess
     parser.add_argument("--profile", default="", help="method:mode to profile, e.g. ubo:paper_lazy")
     args = parser.parse_args()
     if args.profile:
-        data, _ = load_data(Path(args.data))
-        tensors = TrainingTensors(data, resolve_device(args.device))
-        profile_steps(tensors, args.profile, args.device, args.batch_size)
+        profile_steps(args)
         return
     if args.one:
         print(json.dumps(run_one(args)))
         return
-    configs = ["naive"] + [
-        f"{m}:{mode}" for m in args.methods.split(",") for mode in args.modes.split(",")
-    ]
+    configs = [f"{m}:{mode}" for m in args.methods.split(",") for mode in args.modes.split(",")]
     rows = []
     for config in configs:
-        command = [
-            sys.executable,
-            __file__,
-            "--one",
-            config,
-            "--steps",
-            str(args.steps),
-            "--device",
-            args.device,
-            "--batch-size",
-            str(args.batch_size),
-            "--data",
-            args.data,
-        ]
+        command = [sys.executable, __file__, "--one", config, "--epochs", str(args.epochs)]
+        command += ["--max-steps", str(args.max_steps), "--threads", str(args.threads)]
+        command += ["--device", args.device, "--data", args.data]
         out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
-        rows.append(json.loads(out.strip().splitlines()[-1]))
+        row = json.loads(out.strip().splitlines()[-1])
+        rows.append(row)
         print(
-            f"{config:18s} {rows[-1]['pairs_per_second'] / 1e3:10.1f} kpairs/s  "
-            f"peak {rows[-1]['peak_mib']:7.0f} MiB",
+            f"{config:20s} {row['examples_per_second'] / 1e6:8.2f} M/s  "
+            f"limit ratio {row['limit_ratio']:5.2f} ({row['limit']})  "
+            f"{row['seconds']:6.1f} s  peak {row['peak_mib']:6.0f} MiB",
             flush=True,
         )
-    naive = rows[0]["pairs_per_second"]
-    n_pairs = YAHOO_SHAPE[0] * YAHOO_SHAPE[1]
+    peer_rows = []
+    if args.peers:
+        data, _ = load_data(Path(args.data))
+        peer_rows = peers(data, args.threads or os.cpu_count() or 1)
+        for peer in peer_rows:
+            print(f"{peer['peer']:20s} {peer['triples_per_second'] / 1e6:8.2f} M triples/s")
     machine = platform.processor() or platform.machine()
+    partial = f", epochs cut at {args.max_steps} steps" if args.max_steps else ""
     print(
-        f"\nmachine: {machine}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
-        f"device {args.device}; paper-mode batch {args.batch_size}; data: {rows[0]['data']}"
+        f"\nmachine: {machine}, {os.cpu_count()} cores, {args.threads or 'auto'} thread(s), "
+        f"torch {torch.__version__}, device {args.device}; {args.epochs} epoch(s){partial}; "
+        f"data: {rows[0]['data'] if rows else args.data}"
     )
-    print("| method | mode | pairs/s | x naive | 100 epochs on Yahoo | peak memory |")
-    print("|---|---|---:|---:|---:|---:|")
+    print_table(rows, peer_rows)
+    if args.out:
+        record = {
+            "command": "python benchmarks/train_speed.py " + " ".join(sys.argv[1:]),
+            "machine": f"{machine}, {os.cpu_count()} cores",
+            "torch": torch.__version__,
+            "rows": rows,
+            "peers": peer_rows,
+        }
+        Path(args.out).write_text(json.dumps(record, indent=2) + "\n")
+
+
+def print_table(rows: list[dict], peer_rows: list[dict]) -> None:
+    print("| method | mode | examples/s | limit ratio | limit | 100 epochs | peak memory |")
+    print("|---|---|---:|---:|---|---:|---:|")
     for row in rows:
         name, _, mode = row["config"].partition(":")
-        speed = row["pairs_per_second"]
-        minutes = 100 * n_pairs / speed / 60
+        speed = row["examples_per_second"]
+        minutes = 100 * row["epoch_examples"] / speed / 60
         print(
-            f"| {name} | {mode or 'naive'} | {speed:,.0f} | {speed / naive:.1f} | "
+            f"| {name} | {mode} | {speed:,.0f} | {row['limit_ratio']:.2f} | {row['limit']} | "
             f"{minutes:,.1f} min | {row['peak_mib']:,.0f} MiB |"
         )
-    if args.out:
-        record = {"rows": rows, "naive": naive, "batch_size": args.batch_size}
-        Path(args.out).write_text(json.dumps(record, indent=2) + "\n")
+    for peer in peer_rows:
+        print(f"| {peer['peer']} | peer | {peer['triples_per_second']:,.0f} | | | | |")
 
 
 if __name__ == "__main__":

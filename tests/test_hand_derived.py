@@ -22,7 +22,13 @@ from planted import planted_feedback
 from torch import nn
 
 from ubo_core.config import TrainConfig
-from ubo_core.engine import PairSampler, TrainingTensors, TripleSampler
+from ubo_core.engine import (
+    BlockSampler,
+    BlockTripleSampler,
+    PairSampler,
+    TrainingTensors,
+    TripleSampler,
+)
 from ubo_core.estimators import (
     ips_loss,
     ips_loss_slope,
@@ -31,7 +37,7 @@ from ubo_core.estimators import (
     low_variance_slope,
 )
 from ubo_core.methods import METHODS
-from ubo_core.methods.rows import RowAdam, RowSGD, unique_rows
+from ubo_core.methods.rows import RowAdam, RowSGD, padding_of, unique_rows
 
 HAND_DERIVED = ("umf", "relmf", "bpr", "ubo", "jointopt", "alteropt", "biopt2", "noopt")
 EXPOSURE_MF = ("ubo", "jointopt", "alteropt", "biopt2", "noopt")
@@ -99,13 +105,20 @@ def test_row_sgd_is_torch_sgd(weight_decay):
         torch.testing.assert_close(tables[1].detach(), tables[2].detach(), rtol=1e-14, atol=1e-15)
 
 
-def test_unique_rows_is_torch_unique():
+def test_unique_rows_is_torch_unique_padded_to_the_index_size():
+    """The distinct rows in order, then copies of the first up to the index's size (fixed
+    shapes: no host synchronisation), by marking (small tables) and by sorting (large)."""
     gen = torch.Generator().manual_seed(0)
-    for n_rows in (7, 1000, 15400):
+    for n_rows in (7, 1000, 15400, 200_000):
         index = torch.randint(n_rows, (1024,), generator=gen)
         rows, local = unique_rows(index, n_rows)
         expected_rows, expected_local = torch.unique(index, return_inverse=True)
-        assert torch.equal(rows, expected_rows) and torch.equal(local, expected_local)
+        n = expected_rows.numel()
+        assert rows.shape == index.shape and torch.equal(local, expected_local)
+        assert torch.equal(rows[:n], expected_rows)
+        assert bool((rows[n:] == expected_rows[0]).all())
+        assert torch.equal(padding_of(rows).squeeze(1), torch.arange(1024) >= n)
+        assert torch.equal(rows.index_select(0, local), index)
 
 
 @pytest.mark.parametrize("weight_decay", [0.0, 0.01])
@@ -165,14 +178,23 @@ def test_lazy_row_adam_is_adam_on_the_touched_rows(weight_decay):
         torch.testing.assert_close(table.detach(), embedding.weight.detach(), rtol=0, atol=1e-6)
 
 
-def make_pair(name: str, data, optimizer: str, weight_decay: float = 0.0, seed: int = 0, **knobs):
+def make_pair(
+    name: str,
+    data,
+    optimizer: str,
+    weight_decay: float = 0.0,
+    seed: int = 0,
+    mode: str = "paper",
+    **knobs,
+):
     """Two float64 copies of one method from the same state: hand-derived and autograd;
     `knobs` are the method's own (ExposureHyper's for the L2 + m_a methods)."""
     train = TrainConfig(
         dim=5,
         device="cpu",
         epochs=1,
-        mode="paper",
+        mode=mode,
+        block_users=6,
         init_std=0.5,
         optimizer=optimizer,
         batch_size=64,
@@ -226,22 +248,32 @@ CASES = [
 ]
 
 
+@pytest.mark.parametrize("mode", ["paper", "dense"])
 @pytest.mark.parametrize("weight_decay", [0.0, 0.01], ids=["no_decay", "decay"])
 @pytest.mark.parametrize("optimizer", ["adam", "lazy_adam"])
 @pytest.mark.parametrize(("name", "knobs"), CASES, ids=["-".join([n, *k]) for n, k in CASES])
-def test_hand_derived_steps_equal_autograd_steps(name, knobs, optimizer, weight_decay):
-    """Ten paper-mode steps (batches of 64 pairs or BPR triples; UBO's validation batches
-    of 4 drawn from the method's generator) give the same parameters and losses both ways,
-    and the hand-derived copy never calls autograd (BiOpt2's bi-level step is autograd)."""
+def test_hand_derived_steps_equal_autograd_steps(name, knobs, optimizer, weight_decay, mode):
+    """Ten steps (paper mode: batches of 64 pairs or BPR triples; dense mode: blocks of 6
+    users against all items, or their BPR triples; UBO's validation batches of 4 drawn from
+    the method's generator) give the same parameters and losses both ways, and the
+    hand-derived copy never calls autograd (BiOpt2's bi-level step is autograd, and so is
+    dense mode with `item_grad_through_exposure`)."""
     data, _, _ = planted_feedback(n_users=20, n_items=15, n_test_items=4, seed=5)
-    tensors, train, (hand, auto) = make_pair(name, data, optimizer, weight_decay, **knobs)
+    tensors, train, (hand, auto) = make_pair(name, data, optimizer, weight_decay, 0, mode, **knobs)
     start = hand.state()["user_emb"].clone()
-    sampler_class = TripleSampler if name == "bpr" else PairSampler
-    sampler = sampler_class(tensors, train.batch_size, torch.Generator().manual_seed(9))
+    sampler_class = {
+        ("paper", False): PairSampler,
+        ("paper", True): TripleSampler,
+        ("dense", False): BlockSampler,
+        ("dense", True): BlockTripleSampler,
+    }[mode, name == "bpr"]
+    size = train.batch_size if mode == "paper" else train.block_users
+    sampler = sampler_class(tensors, size, torch.Generator().manual_seed(9))
     batches = itertools.chain.from_iterable(sampler.epoch() for _ in range(10))
+    on_autograd = name == "biopt2" or (mode == "dense" and knobs.get("item_grad_through_exposure"))
     for _ in range(10):
         batch = next(batches)
-        with nullcontext() if name == "biopt2" else autograd_forbidden():
+        with nullcontext() if on_autograd else autograd_forbidden():
             hand_losses = hand.step(batch)
         auto_losses = auto.step(batch)
         for key, value in auto_losses.items():

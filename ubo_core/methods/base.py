@@ -164,5 +164,6 @@ def row_logits(user_rows: Tensor, item_rows: Tensor, pairs: bool) -> Tensor:
 
 
 def adam(params: list[nn.Parameter], lr: float, weight_decay: float) -> torch.optim.Adam:
-    # foreach: one fused kernel per parameter group instead of per tensor (fewer launches).
-    return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay, foreach=True)
+    # fused: one kernel for the whole group's update (p, g, m, v read once), with the step
+    # count kept on the parameters' device, so a step reads nothing back to the host.
+    return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay, fused=True)

@@ -133,6 +133,31 @@ class PairTerms:
         return personal_coef * self.exposure_rows + gate_coef * self.gate_weight
 
 
+@dataclass
+class BlockTerms:
+    """The same quantities on a block of users against all items: U, E rows (B, d), the item
+    table W (M, d), logits s = U W^T and q = sigmoid(E W^T) (B, M), the gate r and theta
+    (M,), m = r q + (1 - r) theta (B, M), and the training cells' weight (B, M)."""
+
+    user_rows: Tensor
+    item_table: Tensor
+    exposure_rows: Tensor
+    logits: Tensor
+    personal: Tensor
+    gate: Tensor
+    theta: Tensor
+    exposure: Tensor
+    weight: Tensor
+
+    @property
+    def personal_slope(self) -> Tensor:
+        return self.personal * (1.0 - self.personal)
+
+    @property
+    def gate_slope(self) -> Tensor:
+        return self.gate * (1.0 - self.gate)
+
+
 class ExposureMF(Method):
     Hyper = ExposureHyper
 
@@ -204,18 +229,24 @@ class ExposureMF(Method):
         return item_rows if self.hyper.item_grad_through_exposure else item_rows.detach()
 
     # -- update rules the four methods compose -------------------------------------------
-    # Each rule has a hand-derived form for paper mode's pairs (`pair_*`, gradients in closed
-    # form, no autograd graph: several times fewer operations per step) and the autograd
-    # form, which dense mode uses and tests compare the hand-derived one with
-    # (`hand_derived = False` makes paper mode use it too).
+    # Each rule has hand-derived forms, gradients in closed form without an autograd graph:
+    # `pair_*` for paper mode's pairs and `block_*` for dense mode's blocks (a few GEMMs and
+    # elementwise passes, where autograd's chain of operations over the block's cells took
+    # most of the time), and the autograd form, which tests compare them with
+    # (`hand_derived = False` makes both modes use it). Dense mode with
+    # `item_grad_through_exposure` stays on autograd (a knob for measurements, not a default).
     hand_derived = True
 
     def _use_hand_derived(self, batch: Batch) -> bool:
-        return self.hand_derived and batch.items is not None
+        if batch.items is None and self.hyper.item_grad_through_exposure:
+            return False
+        return self.hand_derived
 
     def relevance_step(self, batch: Batch) -> Tensor:
         """Adam step of w on L_train(w, a) with a held fixed."""
         if self._use_hand_derived(batch):
+            if batch.items is None:
+                return self.block_joint_step(batch, relevance=True, exposure=False)
             return self.pair_relevance_step(batch)
         rows = self.rows(batch)
         loss = self.rows_loss(rows.users.values, rows.items.values, rows, batch, "mean")
@@ -226,6 +257,8 @@ class ExposureMF(Method):
     def exposure_step_on_train(self, batch: Batch) -> Tensor:
         """Adam step of a on L_train(w, a) with w held fixed (AlterOpt)."""
         if self._use_hand_derived(batch):
+            if batch.items is None:
+                return self.block_joint_step(batch, relevance=False, exposure=True)
             return self.pair_exposure_step(batch)
         rows = self.rows(batch)
         loss = self.rows_loss(
@@ -237,6 +270,8 @@ class ExposureMF(Method):
     def joint_step(self, batch: Batch) -> Tensor:
         """One Adam step of w and a together on L_train(w, a) (JointOpt)."""
         if self._use_hand_derived(batch):
+            if batch.items is None:
+                return self.block_joint_step(batch, relevance=True, exposure=True)
             return self.pair_joint_step(batch)
         rows = self.rows(batch)
         loss = self.rows_loss(rows.users.values, rows.items.values, rows, batch, "mean")
@@ -265,6 +300,8 @@ class ExposureMF(Method):
     def validation_bilevel_step(self, batch: Batch) -> Tensor:
         """UBO's exposure update: the bi-level step with the validation log loss as outer."""
         if self._use_hand_derived(batch):
+            if batch.items is None:
+                return self.block_validation_bilevel_step(batch)
             return self.pair_validation_bilevel_step(batch)
         return self.bilevel_exposure_step(batch, self.validation_outer, with_validation=True)
 
@@ -466,6 +503,112 @@ class ExposureMF(Method):
         gate_extra = (gap * r1).unsqueeze(-1) * along_adjoint
         grads[1] = (None, grads[1][1] + gate_extra.sum(0).view_as(self.gate_weight))
         self.exposure_optimizer.step_pairs(grads)
+        return outer_loss
+
+    # -- hand-derived dense-mode steps -----------------------------------------------------
+    def block_terms(self, batch: Batch) -> BlockTerms:
+        """The per-cell quantities of L2 with m_a on a block of users against all items."""
+        assert batch.weight is not None
+        user_rows = self.user_emb.detach().index_select(0, batch.users)
+        exposure_rows = self.exposure_user_emb.detach().index_select(0, batch.users)
+        item_table = self.item_emb.detach()
+        # The same operations as `exposure_from_rows`, so m is the same number.
+        gate = torch.sigmoid(item_table @ self.gate_weight.detach() + self.gate_bias.detach())
+        personal = torch.sigmoid(exposure_rows @ item_table.T)
+        theta = self.exposure_net.theta
+        gate = gate.squeeze(-1)
+        return BlockTerms(
+            user_rows,
+            item_table,
+            exposure_rows,
+            user_rows @ item_table.T,
+            personal,
+            gate,
+            theta,
+            gate * personal + (1.0 - gate) * theta,
+            batch.weight,
+        )
+
+    def block_exposure_gradients(
+        self, terms: BlockTerms, coef_e: Tensor, coef_gate: Tensor, users: Tensor
+    ) -> list[tuple[Tensor | None, Tensor]]:
+        """dL/de_u = sum_i c_e w_i = c_e W; dL/dg = sum_ui c_g w_i = (1^T c_g) W;
+        dL/db = sum_ui c_g: the block analogue of `exposure_gradients`."""
+        column = coef_gate.sum(0)
+        return [
+            (users, coef_e @ terms.item_table),
+            (None, (column @ terms.item_table).view_as(self.gate_weight)),
+            (None, column.sum().view_as(self.gate_bias)),
+        ]
+
+    def block_joint_step(self, batch: Batch, relevance: bool, exposure: bool) -> Tensor:
+        """The relevance step, AlterOpt's exposure step on L_train, or both at once
+        (JointOpt), on a block: with n the block's training cells and l_s, l_m per cell
+        (0 on held-out cells), dL/dW_u = (l_s / n) W, dL/dW = (l_s / n)^T U, and the exposure
+        gradients of `train_exposure_gradients` summed by GEMMs."""
+        terms = self.block_terms(batch)
+        d = low_variance_derivatives(terms.logits, terms.exposure, batch.labels)
+        n = terms.weight.sum()
+        # Every gradient first: terms.item_table is the live item table, which the relevance
+        # update changes in place.
+        if exposure:
+            loss_m = d.m.mul_(terms.weight).div_(n)
+            coef_e = loss_m * terms.gate * terms.personal_slope
+            coef_gate = loss_m * (terms.personal - terms.theta) * terms.gate_slope
+            exposure_grads = self.block_exposure_gradients(terms, coef_e, coef_gate, batch.users)
+        if relevance:
+            slope = d.s.mul_(terms.weight).div_(n)
+            self.relevance_optimizer.step(
+                [(batch.users, slope @ terms.item_table), (None, slope.T @ terms.user_rows)]
+            )
+        if exposure:
+            self.exposure_optimizer.step(exposure_grads)
+        loss = low_variance_loss(terms.logits, terms.exposure, batch.labels)
+        return (loss * terms.weight).sum() / n
+
+    def block_validation_bilevel_step(self, batch: Batch) -> Tensor:
+        """UBO's exposure step on a block, the hypergradient in closed form as in
+        `pair_validation_bilevel_step` (Eq. 16-17): G_U = (l_s w) W and G_W = (l_s w)^T U
+        summed over the block's training cells (w the cell weight), w' = w - eta G at the
+        validation pairs (a validation user outside the block keeps its row), A_U and A_W the
+        validation loss's gradients at w', and
+            dL_val/da = -eta sum_ui w l_sm (A_u . w_i + A_i . w_u) dm/da,
+        the coupling matrix A_U W^T + U A_W^T being one GEMM more than the relevance step's."""
+        assert batch.weight is not None
+        val_users, val_items, val_labels = self.validation_batch()
+        terms = self.block_terms(batch)
+        d = low_variance_derivatives(terms.logits, terms.exposure, batch.labels, True)
+        assert d.sm is not None
+        eta, block = self.inner_lr, batch.users.numel()
+        slope = d.s.mul_(terms.weight)
+        grad_user = slope @ terms.item_table
+        grad_item = slope.T @ terms.user_rows
+        # Each validation user's row in the block, or the zero row `block` past its end.
+        position = torch.full_like(self.user_emb[:, 0], block, dtype=torch.long)
+        position.index_copy_(0, batch.users, torch.arange(block, device=self.device))
+        in_block = position.index_select(0, val_users)
+        grad_user = torch.cat([grad_user, grad_user.new_zeros(1, grad_user.shape[1])])
+        val_user_rows = self.user_emb.detach().index_select(0, val_users)
+        val_user_rows = val_user_rows - eta * grad_user.index_select(0, in_block)
+        val_item_rows = terms.item_table.index_select(0, val_items)
+        val_item_rows = val_item_rows - eta * grad_item.index_select(0, val_items)
+        val_logits = (val_user_rows * val_item_rows).sum(-1)
+        outer_loss = log_loss(val_logits, val_labels).sum()
+        residual = (torch.sigmoid(val_logits) - val_labels).unsqueeze(-1)
+        adjoint_user = grad_user.new_zeros(block + 1, grad_user.shape[1])
+        adjoint_user.index_add_(0, in_block, residual * val_item_rows)
+        adjoint_item = torch.zeros_like(terms.item_table)
+        adjoint_item.index_add_(0, val_items, residual * val_user_rows)
+        coupling = (
+            torch.cat([adjoint_user[:block], terms.user_rows], 1)
+            @ torch.cat([terms.item_table, adjoint_item], 1).T
+        )
+        c = coupling.mul_(d.sm).mul_(terms.weight).mul_(-eta)
+        coef_e = c * terms.gate * terms.personal_slope
+        coef_gate = c.mul_(terms.personal - terms.theta).mul_(terms.gate_slope)
+        self.exposure_optimizer.step(
+            self.block_exposure_gradients(terms, coef_e, coef_gate, batch.users)
+        )
         return outer_loss
 
     # -- the interface ---------------------------------------------------------------------

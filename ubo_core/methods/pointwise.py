@@ -42,8 +42,8 @@ class FixedExposureMF(Method):
         raise NotImplementedError
 
     def step(self, batch: Batch) -> dict[str, Tensor]:
-        if batch.items is not None and self.hand_derived:
-            return self.pair_step(batch)
+        if self.hand_derived:
+            return self.pair_step(batch) if batch.items is not None else self.block_step(batch)
         users = RowSubset(self.user_emb, batch.users)
         items = RowSubset(self.item_emb, batch.items)
         pairs = batch.items is not None
@@ -70,6 +70,22 @@ class FixedExposureMF(Method):
         )
         loss = type(self).loss(logits, exposure, batch.labels).mean()
         return {"train_loss": loss}
+
+    def block_step(self, batch: Batch) -> dict[str, Tensor]:
+        """Dense mode with the gradient in closed form: with S the (B, M) matrix of slopes
+        l_s / n over the block's training cells (0 on held-out ones, n of them), the user rows
+        get S W and the item table S^T U. Three GEMMs and one elementwise pass over the
+        block, where autograd's chain of the loss's operations took ~80% of the time."""
+        assert batch.weight is not None
+        user_rows = self.user_emb.detach().index_select(0, batch.users)
+        item_table = self.item_emb.detach()
+        logits = user_rows @ item_table.T
+        slope = type(self).loss_slope(logits, self.item_exposure, batch.labels)
+        n = batch.weight.sum()
+        slope.mul_(batch.weight).div_(n)
+        self.optimizer.step([(batch.users, slope @ item_table), (None, slope.T @ user_rows)])
+        loss = type(self).loss(logits, self.item_exposure, batch.labels)
+        return {"train_loss": (loss * batch.weight).sum() / n}
 
     def scores(self, users: Tensor) -> Tensor:
         return self.relevance.logits(users, None)

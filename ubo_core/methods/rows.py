@@ -29,19 +29,38 @@ BETA1, BETA2, EPS = 0.9, 0.999, 1e-8
 
 
 def unique_rows(index: Tensor, n_rows: int) -> tuple[Tensor, Tensor]:
-    """`torch.unique(index, return_inverse=True)` for indices into a table of `n_rows` rows:
-    the sorted distinct rows and each entry's position among them. For tables up to 64 rows
-    per index (Yahoo's 15,400 users for 1,024 pairs) they are found by marking the rows in an
-    (n_rows,) vector instead of sorting: the same result, on the CPU 13 us instead of 45 us
-    for 1,024 indices into 1,000 rows and 32 us instead of 40 us into 15,400 (a sort of random
-    keys is branchy). Larger tables sort, which keeps a step O(batch)."""
+    """The distinct rows that `index` names and each entry's position among them, in tensors
+    of `index`'s own size, so that no shape depends on the data and a step needs no host
+    synchronisation (`torch.unique` and `nonzero` wait for the device to learn their output
+    size).
+
+    Returns (rows, local): rows (B,) holds the n distinct rows in ascending order, then
+    B - n copies of rows[0] as padding; rows.index_select(0, local) equals `index`. Gathering
+    the padded rows costs a few rows more than the distinct ones; `RowAdam` writes a padding
+    row back with the values of rows[0] (the same row), so the padding changes nothing. For
+    tables up to 64 rows per index (Yahoo's 15,400 users for 1,024 pairs) the rows are found
+    by marking them in an (n_rows,) vector, faster on the CPU than a sort of random keys;
+    larger tables sort, which keeps a step O(batch)."""
     if n_rows > 64 * max(1, index.numel()):
-        return torch.unique(index, return_inverse=True)
-    mark = torch.zeros(n_rows, dtype=torch.int64, device=index.device)
-    mark.index_fill_(0, index, 1)
-    rows = mark.nonzero().squeeze(1)
-    local = mark.cumsum_(0).index_select(0, index).sub_(1)
+        ordered, order = torch.sort(index)
+        first = torch.ones_like(ordered, dtype=torch.bool)
+        first[1:] = ordered[1:] != ordered[:-1]
+        local = torch.empty_like(index).scatter_(0, order, first.cumsum(0).sub_(1))
+    else:
+        mark = torch.zeros(n_rows, dtype=torch.int64, device=index.device)
+        mark.index_fill_(0, index, 1)
+        local = mark.cumsum_(0).index_select(0, index).sub_(1)
+    # The smallest row (position 0 of the distinct rows), then every row at its position.
+    rows = index.min().expand(index.numel()).clone().scatter_(0, local, index)
     return rows, local
+
+
+def padding_of(rows: Tensor) -> Tensor:
+    """(B, 1) mask of the padding entries of `unique_rows`'s rows: the later copies of rows[0]
+    (the distinct rows are distinct, so no real row after position 0 equals it)."""
+    padding = rows == rows[:1]
+    padding[0] = False
+    return padding.unsqueeze(1)
 
 
 # Row writes through NumPy: the dtypes it shares with torch (bfloat16, for one, it has not).
@@ -91,7 +110,16 @@ class RowSubset:
 
 
 class RowAdam:
-    """Adam over whole tables, stepping with the gradient of a `RowSubset` of rows."""
+    """Adam over whole tables, stepping with the gradient of a `RowSubset` of rows.
+
+    Both paths run torch's fused Adam kernel (`torch.optim.Adam(fused=True)`'s): one pass
+    that reads p, g, m, v and writes p, m, v, instead of the six passes of the textbook
+    update. The exact path (`lazy=False`) scatters a step's row gradients into a gradient
+    table kept across steps and zeroes only those rows afterwards, so a step allocates
+    nothing table-sized and its cost is the kernel's 7 passes over the tables (the memory
+    limit benchmarks/train_speed.py measures). The step count lives in a device tensor that
+    the step increments in place: no host value enters a step (a captured CUDA graph replays
+    it correctly)."""
 
     def __init__(
         self, params: list[nn.Parameter], lr: float, weight_decay: float, lazy: bool
@@ -99,61 +127,67 @@ class RowAdam:
         self.params, self.lr, self.weight_decay, self.lazy = params, lr, weight_decay, lazy
         self.exp_avg = [torch.zeros_like(p) for p in params]
         self.exp_avg_sq = [torch.zeros_like(p) for p in params]
-        self.steps = 0
-        # The fused kernel reads the step count from a float32 tensor on the parameters'
-        # device; one, refilled each step, saves a host-to-device copy per table on CUDA.
+        # Exact path only: every entry is 0 between steps (a step writes its rows, then
+        # zeroes them again).
+        self._grad_tables = [] if lazy else [torch.zeros_like(p) for p in params]
         self._step_count = torch.zeros((), dtype=torch.float32, device=params[0].device)
+
+    @property
+    def steps(self) -> int:
+        """Steps taken (a host read: for checkpoints and tests, not inside a step)."""
+        return int(self._step_count.item())
 
     @torch.no_grad()
     def step(self, grads: list[tuple[Tensor | None, Tensor]]) -> None:
-        """One Adam step; `grads[k]` = (rows or None for all rows, gradient of those rows)."""
-        self.steps += 1
-        self._step_count.fill_(self.steps)
-        bias1 = 1 - BETA1**self.steps
-        bias2_sqrt = (1 - BETA2**self.steps) ** 0.5
-        for param, m, v, (rows, grad) in zip(
-            self.params, self.exp_avg, self.exp_avg_sq, grads, strict=True
-        ):
-            if rows is not None and not self.lazy:
-                rows, grad = None, torch.zeros_like(param).index_add_(0, rows, grad)
+        """One Adam step; `grads[k]` = (distinct rows or None for all rows, their gradient)."""
+        self._step_count.add_(1)
+        for k, (rows, grad) in enumerate(grads):
             if rows is None:
-                self._update(param, m, v, grad, bias1, bias2_sqrt)
+                self._fused_update(self.params[k], self.exp_avg[k], self.exp_avg_sq[k], grad)
+            elif self.lazy:
+                self._row_update(k, rows, grad)
             else:
-                p_rows, m_rows, v_rows = (t.index_select(0, rows) for t in (param, m, v))
-                self._fused_update(p_rows, m_rows, v_rows, grad)
-                for table, values in ((param, p_rows), (m, m_rows), (v, v_rows)):
-                    write_rows(table, rows, values)
+                self._scattered_update(k, rows, grad)
 
+    @torch.no_grad()
     def step_pairs(self, grads: list[tuple[Tensor | None, Tensor]]) -> None:
         """One Adam step from per-pair gradients: `grads[k]` = (index (B,) naming the row of
         each gradient row, duplicates allowed, or None for a whole-parameter gradient).
         The hand-derived paper-mode steps use this; duplicates are summed per row."""
-        whole: list[tuple[Tensor | None, Tensor]] = []
-        for param, (index, grad) in zip(self.params, grads, strict=True):
+        self._step_count.add_(1)
+        for k, (index, grad) in enumerate(grads):
             if index is None:
-                whole.append((None, grad))
+                self._fused_update(self.params[k], self.exp_avg[k], self.exp_avg_sq[k], grad)
             elif self.lazy:
-                rows, local = unique_rows(index, param.shape[0])
+                rows, local = unique_rows(index, self.params[k].shape[0])
                 summed = grad.new_zeros(rows.numel(), grad.shape[1]).index_add_(0, local, grad)
-                whole.append((rows, summed))
+                self._row_update(k, rows, summed)
             else:
-                whole.append((None, torch.zeros_like(param).index_add_(0, index, grad)))
-        self.step(whole)
+                self._scattered_update(k, index, grad)
 
-    def _update(
-        self, p: Tensor, m: Tensor, v: Tensor, grad: Tensor, bias1: float, bias2_sqrt: float
-    ) -> None:
-        if self.weight_decay:
-            grad = grad + self.weight_decay * p
-        m.lerp_(grad, 1 - BETA1)
-        v.mul_(BETA2).addcmul_(grad, grad, value=1 - BETA2)
-        denom = (v.sqrt() / bias2_sqrt).add_(EPS)
-        p.addcdiv_(m, denom, value=-self.lr / bias1)
+    def _row_update(self, k: int, rows: Tensor, grad: Tensor) -> None:
+        """Lazy: the update on the touched rows only, gathered and written back."""
+        param, m, v = self.params[k], self.exp_avg[k], self.exp_avg_sq[k]
+        p_rows, m_rows, v_rows = (t.index_select(0, rows) for t in (param, m, v))
+        self._fused_update(p_rows, m_rows, v_rows, grad)
+        # Padding entries (unique_rows) name rows[0] again: give them its updated values, so
+        # the duplicate writes agree.
+        padding = padding_of(rows)
+        for table, values in ((param, p_rows), (m, m_rows), (v, v_rows)):
+            write_rows(table, rows, torch.where(padding, values[:1], values))
+
+    def _scattered_update(self, k: int, index: Tensor, grad: Tensor) -> None:
+        """Exact: the row gradients scattered into the (zero) gradient table, the update on
+        every row (rows outside the batch move by their momentum), the rows zeroed again."""
+        table = self._grad_tables[k]
+        # index_add_, also for distinct rows: unique_rows's padding repeats a row (with a
+        # zero gradient), which index_copy_ would write in an undefined order.
+        table.index_add_(0, index, grad)
+        self._fused_update(self.params[k], self.exp_avg[k], self.exp_avg_sq[k], table)
+        table.index_fill_(0, index, 0.0)
 
     def _fused_update(self, p: Tensor, m: Tensor, v: Tensor, grad: Tensor) -> None:
-        """The same update as `_update` in one kernel (torch.optim.Adam(fused=True)'s), which
-        saves six passes over the rows; used on the lazy path, where a step is a few
-        hundred rows and each pass costs more than its arithmetic."""
+        """Adam's update (L2 weight decay added to the gradient) in torch's fused kernel."""
         torch._fused_adam_(
             [p],
             [grad],
@@ -177,12 +211,7 @@ class RowSGD(RowAdam):
     eta'", Sec. 2) where `exposure_optimizer: sgd` asks for it. Rows a lazy step does not
     touch do not move, as in exact SGD (their gradient is 0); the moment tables stay 0."""
 
-    def _update(
-        self, p: Tensor, m: Tensor, v: Tensor, grad: Tensor, bias1: float, bias2_sqrt: float
-    ) -> None:
+    def _fused_update(self, p: Tensor, m: Tensor, v: Tensor, grad: Tensor) -> None:
         if self.weight_decay:
             grad = grad + self.weight_decay * p
         p.add_(grad, alpha=-self.lr)
-
-    def _fused_update(self, p: Tensor, m: Tensor, v: Tensor, grad: Tensor) -> None:
-        self._update(p, m, v, grad, 1.0, 1.0)
