@@ -125,6 +125,9 @@ def base_env() -> dict[str, str]:
         "DVC_NO_ANALYTICS": "1",
         "PREFECT_SERVER_EPHEMERAL_ENABLED": "false",
         "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+        # While PostgreSQL restarts the Prefect server answers 500, which Prefect's clients
+        # do not retry by default: a parent polling its children would fail (SCALING.md).
+        "PREFECT_CLIENT_RETRY_EXTRA_CODES": "500",
     }
     return env
 
