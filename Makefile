@@ -11,7 +11,8 @@
 #   make ui          the MLflow UI on the study's store (light: one worker, no job runner);
 #                    PREFECT=1 also the Prefect UI (UI_ARGS: more flows.ui flags)
 #   make cluster-up  the several-machines setup on this machine (docs/SCALING.md): PostgreSQL,
-#                    Prefect and MLflow servers on it, HOSTS worker hosts (own clones, homes, data)
+#                    Prefect and MLflow servers on it, HOSTS worker hosts (own clones, homes, data;
+#                    as root, own network namespaces too)
 #   make cluster-down  stop it; make cluster-test: the study across hosts with a lost host and a
 #                    database restart, and a worker killed mid-run (pytest -m cluster, ~8 min)
 #
