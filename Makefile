@@ -11,9 +11,10 @@
 #   make ui          the MLflow UI on the study's store (light: one worker, no job runner);
 #                    PREFECT=1 also the Prefect UI (UI_ARGS: more flows.ui flags)
 #   make cluster-up  the several-machines setup on this machine (docs/SCALING.md): PostgreSQL,
-#                    Prefect and MLflow servers on it, HOSTS worker hosts (own clones, homes, data)
+#                    Prefect and MLflow servers on it, HOSTS worker hosts (own clones, homes, data;
+#                    as root, own network namespaces too)
 #   make cluster-down  stop it; make cluster-test: the study across hosts with a lost host and a
-#                    database restart (pytest -m cluster, ~6 min)
+#                    database restart, and a worker killed mid-run (pytest -m cluster, ~8 min)
 #
 # TORCH_INDEX: where torch==2.13.0 comes from. The default CPU wheel index keeps a CPU machine
 # from pulling the multi-GB CUDA build; on a GPU machine use `make ... TORCH_INDEX=` (PyPI's
@@ -87,9 +88,10 @@ data: $(INSTALLED)
 summary: $(INSTALLED)
 	python -m ubo_core.stages summary
 
-# Progress per test file and the 15 slowest tests at the end.
+# Progress and the 15 slowest tests at the end; the test files run in parallel, one process per
+# core, each file in one process (its module fixtures, e.g. a Prefect stack, start once).
 test: $(INSTALLED) lint
-	python -m pytest -o console_output_style=count --durations=15
+	python -m pytest -n auto --dist loadfile --durations=15
 
 lint: $(INSTALLED)
 	ruff check .

@@ -72,6 +72,7 @@ def replay_cells(state: cluster.ClusterState, clients: int, seconds: float) -> d
     from mlflow import MlflowClient
     from mlflow.entities import Metric, Param, RunTag
     from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
     from prefect.states import Completed, Pending, Running
 
     deployment_id = None
@@ -84,7 +85,12 @@ def replay_cells(state: cluster.ClusterState, clients: int, seconds: float) -> d
     artifact.write_text(json.dumps({"k": list(range(100))}))
 
     def worker() -> None:
-        with get_client(sync_client=True) as client:
+        # Settings are per thread (a context variable): without its own, a thread's client
+        # would start a temporary local server instead of talking to the cluster's.
+        with (
+            temporary_settings({PREFECT_API_URL: state.prefect_url}),
+            get_client(sync_client=True) as client,
+        ):
             while time.monotonic() < stop:
                 try:
                     run = client.create_flow_run_from_deployment(

@@ -3,6 +3,7 @@ real: PostgreSQL, a Prefect server and an MLflow tracking server on it, and work
 that share nothing but the two server URLs (the MLflow server proxies the artifact store).
 
     python -m flows.cluster up [--root .cluster] [--hosts 3] [--datasets coat]
+        [--netns auto|on|off]
     python -m flows.cluster down [--root .cluster]
     python -m flows.cluster status [--root .cluster]
     python -m flows.cluster restart-db [--root .cluster]
@@ -10,11 +11,15 @@ that share nothing but the two server URLs (the MLflow server proxies the artifa
 Each host is what docs/SCALING.md tells a user to set up on another machine: its own clone
 of this repository (the committed code, `git clone`), its own data (`dvc repro`, from the
 mirror when UBO_DATA_MIRROR is set), its own Prefect home, and a worker started with
-PREFECT_API_URL, MLFLOW_TRACKING_URI and UBO_REPO. The hosts share this machine's Python
-environment and loopback network; nothing else. The servers and workers keep running after
-`up` returns (their pids and logs are under the root); `down` stops the workers, then the
-servers, then PostgreSQL, and drops the databases: a cluster here is for trying the setup
-and for its test; docs/SCALING.md describes a lasting one.
+PREFECT_API_URL, MLFLOW_TRACKING_URI and UBO_REPO. Where the machine allows it (root, `ip
+netns`; `--netns auto`, the default) each host is also its own network namespace: its own
+loopback and one interface on a private bridge (10.231.X.0/24, no route out of the machine),
+where the two servers listen on the bridge's address; a host cannot reach anything else on
+this machine, PostgreSQL included (it listens on 127.0.0.1 for the servers only). The hosts
+share this machine's Python environment and file system; nothing else. The servers and
+workers keep running after `up` returns (their pids and logs are under the root); `down`
+stops the workers, then the servers, then PostgreSQL, and drops the databases: a cluster here
+is for trying the setup and for its test; docs/SCALING.md describes a lasting one.
 
 The deployments are created without UBO_REPO in the environment, so their pull step keeps
 `{{ $UBO_REPO }}` and each worker runs the code of its own clone, wherever it is.
@@ -38,7 +43,8 @@ from pathlib import Path
 
 import psutil
 
-from flows.services import free_port, terminate
+from flows.cluster_network import make_network, netns_available, remove_network
+from flows.services import free_port, run_checked, terminate
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_ROOT = REPO / ".cluster"
@@ -57,6 +63,8 @@ class ClusterState:
     mlflow_url: str
     hosts: list[str]
     pids: dict[str, int] = field(default_factory=dict)  # service name -> process group
+    # The hosts' network namespaces (`make_network`), or None: all on this machine's loopback.
+    network: dict | None = None
 
     def save(self) -> None:
         path = Path(self.root) / "cluster.json"
@@ -80,13 +88,6 @@ def pg_bin() -> Path:
 def as_db_owner(argv: list[str]) -> list[str]:
     """PostgreSQL refuses to run as root: run its tools as `postgres` when we are root."""
     return ["runuser", "-u", "postgres", "--", *argv] if os.geteuid() == 0 else argv
-
-
-def _run(argv: list[str], **kwargs) -> str:
-    done = subprocess.run(argv, capture_output=True, text=True, **kwargs)
-    if done.returncode != 0:
-        raise RuntimeError(f"`{' '.join(argv)}` failed:\n{done.stdout}{done.stderr}")
-    return done.stdout
 
 
 def _detach(name: str, argv: list[str], cwd: Path, env: dict[str, str], logs: Path) -> int:
@@ -124,6 +125,9 @@ def base_env() -> dict[str, str]:
         "DVC_NO_ANALYTICS": "1",
         "PREFECT_SERVER_EPHEMERAL_ENABLED": "false",
         "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+        # While PostgreSQL restarts the Prefect server answers 500, which Prefect's clients
+        # do not retry by default: a parent polling its children would fail (SCALING.md).
+        "PREFECT_CLIENT_RETRY_EXTRA_CODES": "500",
     }
     return env
 
@@ -147,7 +151,7 @@ def start_postgres(pg_dir: Path) -> int:
     pg_dir.mkdir(parents=True, exist_ok=True)
     binaries = pg_bin()
     if not (pg_dir / "data" / "PG_VERSION").is_file():
-        _run(
+        run_checked(
             as_db_owner(
                 [
                     str(binaries / "initdb"),
@@ -169,7 +173,7 @@ def start_postgres(pg_dir: Path) -> int:
 
 def _pg_ctl(pg_dir: Path, port: int, *args: str) -> None:
     options = f"-p {port} -k {pg_dir} -c listen_addresses=127.0.0.1"
-    _run(
+    run_checked(
         as_db_owner(
             [
                 str(pg_bin() / "pg_ctl"),
@@ -187,7 +191,7 @@ def _pg_ctl(pg_dir: Path, port: int, *args: str) -> None:
 
 
 def psql(port: int, sql: str) -> str:
-    return _run(
+    return run_checked(
         [
             str(pg_bin() / "psql"),
             "-h",
@@ -216,12 +220,12 @@ def make_host(root: Path, name: str, datasets: list[str], env: dict[str, str]) -
     host = root / name
     repo = host / "repo"
     if not repo.is_dir():
-        _run(["git", "clone", "--quiet", str(REPO), str(repo)])
+        run_checked(["git", "clone", "--quiet", str(REPO), str(repo)])
     (host / "home").mkdir(parents=True, exist_ok=True)
     bin_dir = str(Path(sys.executable).parent)
     host_env = env | {"PATH": f"{bin_dir}{os.pathsep}{env.get('PATH', '')}"}
     for dataset in datasets:
-        _run(
+        run_checked(
             [sys.executable, "-m", "dvc", "repro", "-q", f"validation@{dataset}"],
             cwd=repo,
             env=host_env,
@@ -229,10 +233,14 @@ def make_host(root: Path, name: str, datasets: list[str], env: dict[str, str]) -
     return repo
 
 
-def up(root: Path, hosts: int, datasets: list[str]) -> ClusterState:
+def up(root: Path, hosts: int, datasets: list[str], netns: str = "auto") -> ClusterState:
+    """`netns`: "on" puts every host in a network namespace of its own (root only), "off"
+    leaves them all on this machine's loopback, "auto" is "on" where the machine allows it."""
     root = root.resolve()
     if (root / "cluster.json").is_file():
         raise RuntimeError(f"{root}: a cluster is already up here (python -m flows.cluster down)")
+    if netns == "on" and not netns_available():
+        raise RuntimeError("--netns on needs root and `ip netns` (iproute2)")
     (root / "logs").mkdir(parents=True, exist_ok=True)
     logs, env = root / "logs", base_env()
     names = [f"host-{index}" for index in range(1, hosts + 1)]
@@ -243,8 +251,16 @@ def up(root: Path, hosts: int, datasets: list[str]) -> ClusterState:
     state = ClusterState(str(root), pg_port, str(pg_dir), "", "", names)
     state.save()  # from here on, `down` can undo what was started
     print(f"PostgreSQL on 127.0.0.1:{pg_port} (databases prefect, mlflow)")
+    if netns == "on" or (netns == "auto" and netns_available()):
+        state.network = make_network(names)
+        state.save()
+        print(
+            f"{hosts} network namespace(s) on bridge {state.network['bridge']}; the servers "
+            f"listen on {state.network['address']}"
+        )
+    listen = state.network["address"] if state.network else "127.0.0.1"
     prefect_port, mlflow_port = free_port(None), free_port(None)
-    prefect_url = f"http://127.0.0.1:{prefect_port}/api"
+    prefect_url = f"http://{listen}:{prefect_port}/api"
     server_env = env | {
         "PREFECT_HOME": str(root / "prefect-server"),
         "PREFECT_API_DATABASE_CONNECTION_URL": (
@@ -261,7 +277,7 @@ def up(root: Path, hosts: int, datasets: list[str]) -> ClusterState:
             "server",
             "start",
             "--host",
-            "127.0.0.1",
+            listen,
             "--port",
             str(prefect_port),
         ],
@@ -277,7 +293,7 @@ def up(root: Path, hosts: int, datasets: list[str]) -> ClusterState:
             "mlflow",
             "server",
             "--host",
-            "127.0.0.1",
+            listen,
             "--port",
             str(mlflow_port),
             "--workers",
@@ -291,7 +307,7 @@ def up(root: Path, hosts: int, datasets: list[str]) -> ClusterState:
         env,
         logs,
     )
-    state.prefect_url, state.mlflow_url = prefect_url, f"http://127.0.0.1:{mlflow_port}"
+    state.prefect_url, state.mlflow_url = prefect_url, f"http://{listen}:{mlflow_port}"
     state.save()
     _wait_http(f"{prefect_url}/health", "the Prefect server", logs / "prefect-server.log")
     _wait_http(f"{state.mlflow_url}/health", "the MLflow server", logs / "mlflow-server.log")
@@ -301,13 +317,13 @@ def up(root: Path, hosts: int, datasets: list[str]) -> ClusterState:
     prefect_cli = [sys.executable, "-m", "prefect"]
     deploy_env = client_env | {"PREFECT_HOME": str(root / names[0] / "home")}
     for pool in (CONTROL_POOL, TRAIN_POOL, GPU_POOL):
-        _run(
+        run_checked(
             [*prefect_cli, "work-pool", "create", pool, "--type", "process", "--overwrite"],
             env=deploy_env,
             cwd=first,
         )
     # Without UBO_REPO here the pull step keeps `{{ $UBO_REPO }}`: each worker's own clone.
-    _run([*prefect_cli, "--no-prompt", "deploy", "--all"], env=deploy_env, cwd=first)
+    run_checked([*prefect_cli, "--no-prompt", "deploy", "--all"], env=deploy_env, cwd=first)
     for name in names:
         start_worker(state, name)
     state.save()
@@ -332,7 +348,9 @@ def start_worker(state: ClusterState, name: str) -> None:
     """The worker(s) of host `name`, as docs/SCALING.md starts one on another machine; the
     first host also serves the control pool (the parent flows)."""
     host, logs = Path(state.root) / name, Path(state.root) / "logs"
-    prefect_cli = [sys.executable, "-m", "prefect", "worker", "start"]
+    # In its network namespace, where there is one: `ip netns exec` execs the worker itself.
+    inside = ["ip", "netns", "exec", state.network["namespaces"][name]] if state.network else []
+    prefect_cli = [*inside, sys.executable, "-m", "prefect", "worker", "start"]
     state.pids[f"{name}/worker"] = _detach(
         f"{name}-worker",
         [*prefect_cli, "--pool", TRAIN_POOL, "--limit", "1", "--name", name],
@@ -398,6 +416,8 @@ def down(root: Path) -> None:
     _stop([pid for key, pid in state.pids.items() if "/" not in key])
     with contextlib.suppress(RuntimeError):
         pg_ctl(root, "-m", "fast", "stop")
+    if state.network:
+        remove_network(state.network)
     shutil.rmtree(state.pg_dir, ignore_errors=True)
     (root / "cluster.json").unlink()
     print(
@@ -412,6 +432,9 @@ def status(root: Path) -> str:
         f"Prefect {state.prefect_url}  MLflow {state.mlflow_url}  PostgreSQL "
         f"127.0.0.1:{state.pg_port}"
     ]
+    if state.network:
+        namespaces = ", ".join(state.network["namespaces"].values())
+        lines.append(f"  hosts in network namespaces {namespaces} ({state.network['bridge']})")
     for key, pid in sorted(state.pids.items()):
         alive = psutil.pid_exists(pid)
         lines.append(f"  {key:24s} pid {pid:7d}  {'running' if alive else 'GONE'}")
@@ -426,11 +449,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--root", type=Path, default=DEFAULT_ROOT)
     parser.add_argument("--hosts", type=int, default=3)
     parser.add_argument("--datasets", nargs="+", default=["coat"])
+    parser.add_argument(
+        "--netns",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="a network namespace per host (auto: where the machine allows it)",
+    )
     args = parser.parse_args(argv)
     try:
         if args.command == "up":
             try:
-                up(args.root, args.hosts, args.datasets)
+                up(args.root, args.hosts, args.datasets, args.netns)
             except BaseException:
                 if (args.root.resolve() / "cluster.json").is_file():
                     down(args.root)  # nothing half-started is left running

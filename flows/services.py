@@ -238,6 +238,14 @@ def prefect(
     return done
 
 
+def run_checked(argv: list[str], **kwargs) -> str:
+    """Run a set-up command to its end; its stdout, or a RuntimeError with all it printed."""
+    done = subprocess.run(argv, capture_output=True, text=True, **kwargs)
+    if done.returncode != 0:
+        raise RuntimeError(f"`{' '.join(argv)}` failed:\n{done.stdout}{done.stderr}")
+    return done.stdout
+
+
 def free_port(preferred: int | None = 4200) -> int:
     """`preferred` if nothing listens there, else any free port."""
     if preferred is not None:

@@ -1,6 +1,7 @@
 """The several-machines setup, for real (issue 14, part 2): PostgreSQL, a Prefect server and
 an MLflow tracking server on it, and three worker hosts that share nothing but the two URLs
-(separate clones, data and Prefect homes). A small study runs across the hosts while one
+(separate clones, data and Prefect homes; separate network namespaces where the machine
+allows it, which the test then checks). A small study runs across the hosts while one
 host is killed (its worker and the training it started) and PostgreSQL restarts; every
 (data set, method, seed) must end in MLflow exactly once, with its artifacts.
 
@@ -13,8 +14,11 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import psutil
 import pytest
@@ -47,6 +51,22 @@ def trainings_of(root: Path, host: str) -> list[psutil.Process]:
     return found
 
 
+def check_hosts_are_network_namespaces_that_reach_the_servers_only(state) -> None:
+    assert state.network is not None
+    spaces = {os.readlink(f"/proc/{state.pids[f'{host}/worker']}/ns/net") for host in state.hosts}
+    assert len(spaces) == len(state.hosts) and os.readlink("/proc/self/ns/net") not in spaces
+
+    def reach(host: str, address: str, port: int) -> bool:
+        namespace = state.network["namespaces"][host]
+        probe = f"import socket; socket.create_connection(({address!r}, {port}), 3)"
+        command = ["ip", "netns", "exec", namespace, sys.executable, "-c", probe]
+        return subprocess.run(command, capture_output=True).returncode == 0
+
+    prefect = urlsplit(state.prefect_url)
+    assert reach("host-1", prefect.hostname, prefect.port)
+    assert not reach("host-1", "127.0.0.1", state.pg_port)  # PostgreSQL: the servers' only
+
+
 def test_a_study_across_three_hosts_survives_a_lost_host_and_a_database_restart(
     tmp_path, monkeypatch
 ):
@@ -60,6 +80,8 @@ def test_a_study_across_three_hosts_survives_a_lost_host_and_a_database_restart(
     root = tmp_path / "cluster"
     state = cluster.up(root, hosts=3, datasets=["coat"])
     try:
+        if cluster.netns_available():
+            check_hosts_are_network_namespaces_that_reach_the_servers_only(state)
         with temporary_settings({PREFECT_API_URL: state.prefect_url}):
             parent = run_deployment(
                 "ubo/full-benchmark",
