@@ -30,8 +30,11 @@ from ubo_core.engine import (
     TripleSampler,
 )
 from ubo_core.estimators import (
+    ips_block,
     ips_loss,
     ips_loss_slope,
+    low_variance_block,
+    low_variance_block_derivatives,
     low_variance_derivatives,
     low_variance_loss,
     low_variance_slope,
@@ -82,6 +85,35 @@ def test_low_variance_derivatives_are_autograds(saturated):
     torch.testing.assert_close(low_variance_slope(logit.detach(), exposure.detach(), label), mine.s)
     if saturated:
         assert float(mine.m[:50].abs().min()) == 0.0 or bool((label[:50] == 1).all())
+
+
+@pytest.mark.parametrize("saturated", [False, True], ids=["interior", "clamped"])
+def test_dense_block_forms_equal_the_general_ones(saturated):
+    """Dense mode's few-pass forms (`low_variance_block`, `ips_block`,
+    `low_variance_block_derivatives`) against the general per-pair forms: the same slopes,
+    partials and (weighted, scaled) losses, clamped cells included."""
+    logit, exposure, label = random_pairs()
+    if saturated:
+        logit[:100] = 40.0
+        exposure[:50] = 1.0
+        exposure[100:150] = 1e-13
+    weight = (torch.arange(400) % 7 != 0).double()  # some held-out cells
+    scale = 1.0 / weight.sum()
+    general = low_variance_derivatives(logit, exposure, label, second_order=True)
+    block = low_variance_block_derivatives(logit.clone(), exposure, label, second_order=True)
+    torch.testing.assert_close(block.s, general.s, rtol=1e-12, atol=1e-15)
+    torch.testing.assert_close(block.m, general.m, rtol=1e-12, atol=1e-15)
+    torch.testing.assert_close(block.sm, general.sm, rtol=1e-12, atol=1e-15)
+    if not saturated:  # the loss reads log(m p): equal while m p is a normal number
+        slope, loss = low_variance_block(logit.clone(), exposure, label, weight, scale)
+        expected = low_variance_slope(logit, exposure, label) * weight * scale
+        torch.testing.assert_close(slope, expected)
+        expected = (low_variance_loss(logit, exposure, label) * weight).sum() * scale
+        torch.testing.assert_close(loss, expected, rtol=1e-12, atol=0)
+    slope, loss = ips_block(logit.clone(), exposure, label, weight, scale)
+    torch.testing.assert_close(slope, ips_loss_slope(logit, exposure, label) * weight * scale)
+    expected = (ips_loss(logit, exposure, label) * weight).sum() * scale
+    torch.testing.assert_close(loss, expected, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("weight_decay", [0.0, 0.01])

@@ -179,7 +179,9 @@ class BlockSampler:
         t = self.tensors
         order = torch.randperm(t.n_users, generator=self.generator, device=t.device)
         for users in order.split(self.block_users):
-            yield Batch(users, None, t.labels[users], t.train_weight[users])
+            # index_select: rows of 1,000 floats by advanced indexing cost ~0.5 ms a block.
+            labels = t.labels.index_select(0, users)
+            yield Batch(users, None, labels, t.train_weight.index_select(0, users))
 
 
 class TripleSampler:

@@ -108,3 +108,65 @@ def item_popularity_exposure(n_positives: Tensor, power: float = 0.5) -> Tensor:
     if n_positives.max() <= 0:
         raise ValueError("item popularity needs at least one training positive")
     return (n_positives.double() / n_positives.max()) ** power
+
+
+def low_variance_block(
+    logit: Tensor, exposure: Tensor, label: Tensor, weight: Tensor, scale: Tensor
+) -> tuple[Tensor, Tensor]:
+    """Dense mode's L2 step in few passes over a block (B, M) of cells with binary labels:
+    (l_s * weight * scale, the weighted loss sum * scale), with `low_variance_slope`'s and
+    `low_variance_loss`'s values and clamps. Per cell one sigmoid and one log: the loss reads
+    log(m p) on positives and log(1 - m p) on negatives from one `where`. `logit` is consumed
+    (overwritten)."""
+    p = torch.sigmoid(logit, out=logit)
+    mp = exposure * p
+    one_minus = torch.rsub(mp, 1.0)
+    inside = one_minus >= _MIN_ONE_MINUS
+    one_minus.clamp_min_(_MIN_ONE_MINUS)
+    positive = label > 0
+    # log(m p) = log(m) + logsigmoid(s) up to rounding while m p is a normal float, which the
+    # clamps below keep it.
+    picked = torch.where(positive, mp.clamp_min(_MIN_EXPOSURE * 1e-30), one_minus)
+    loss = -torch.dot(picked.log_().view(-1), weight.reshape(-1).to(picked.dtype)) * scale
+    # negatives: m p (1 - p) / (1 - m p) where 1 - m p is above its floor; positives: p - 1.
+    slope = mp.mul_(torch.rsub(p, 1.0)).div_(one_minus).mul_(inside)
+    slope = torch.where(positive, p.sub_(1.0), slope)
+    return slope.mul_(weight).mul_(scale), loss
+
+
+def ips_block(
+    logit: Tensor, exposure: Tensor, label: Tensor, weight: Tensor, scale: Tensor
+) -> tuple[Tensor, Tensor]:
+    """`low_variance_block` for L1 (RelMF): slope sigmoid(s) - y/m, and the loss through
+    log(1 - p) = log p - s, i.e. -[(y/m) log p + (1 - y/m) log(1 - p)] = -log p + (1 - y/m) s,
+    one logsigmoid per cell. `logit` is consumed."""
+    ratio = label / exposure
+    log_p = F.logsigmoid(logit)
+    per_cell = torch.rsub(ratio, 1.0).mul_(logit).sub_(log_p)
+    loss = torch.dot(per_cell.view(-1), weight.reshape(-1).to(per_cell.dtype)) * scale
+    slope = torch.sigmoid(logit, out=logit).sub_(ratio)
+    return slope.mul_(weight).mul_(scale), loss
+
+
+def low_variance_block_derivatives(
+    logit: Tensor, exposure: Tensor, label: Tensor, second_order: bool = False
+) -> LowVarianceDerivatives:
+    """`low_variance_derivatives` (l_s, l_m and, with `second_order`, l_sm; not l_mm) for a
+    dense block of binary labels, in about half the passes: with a = p / (1 - m p) on the
+    negatives (0 where 1 - m p is clamped), l_s = m (1 - p) a, l_m = a, l_sm = (1 - p) a /
+    (1 - m p); on the positives l_s = p - 1, l_m = -1/m, l_sm = 0. The same values and
+    clamps as the general form, which the tests compare it with."""
+    p = torch.sigmoid(logit)
+    one_minus = torch.rsub(exposure * p, 1.0)
+    a = (one_minus >= _MIN_ONE_MINUS).to(p.dtype)
+    one_minus.clamp_min_(_MIN_ONE_MINUS)
+    a.mul_(p).div_(one_minus)
+    q = torch.rsub(p, 1.0)  # 1 - p
+    positive = label > 0
+    inv_exposure = torch.where(
+        exposure >= _MIN_EXPOSURE, exposure.clamp_min(_MIN_EXPOSURE).reciprocal(), 0.0
+    )
+    d_m = torch.where(positive, -inv_exposure, a)
+    d_sm = torch.where(positive, 0.0, q * a / one_minus) if second_order else None
+    d_s = torch.where(positive, p.sub_(1.0), a.mul_(q).mul_(exposure))
+    return LowVarianceDerivatives(d_s, d_m, d_sm)

@@ -91,8 +91,9 @@ def gather_items(values: Tensor, items: Tensor | None) -> Tensor:
 
 
 def popularity_exposure(tensors: TrainingTensors) -> Tensor:
-    """theta_i (Eq. 12) as float32 on the device."""
-    return item_popularity_exposure(tensors.item_popularity).float()
+    """theta_i (Eq. 12) in torch's default dtype (float32; float64 in the tests that
+    compare the hand-derived steps with autograd to rounding) on the device."""
+    return item_popularity_exposure(tensors.item_popularity).to(torch.get_default_dtype())
 
 
 class RelevanceMF:

@@ -26,7 +26,12 @@ from torch import Tensor
 from ubo_core.config import TrainConfig, check_choice
 from ubo_core.engine import Batch, TrainingTensors
 from ubo_core.errors import ConfigError
-from ubo_core.estimators import log_loss, low_variance_derivatives, low_variance_loss
+from ubo_core.estimators import (
+    log_loss,
+    low_variance_block_derivatives,
+    low_variance_derivatives,
+    low_variance_loss,
+)
 from ubo_core.methods.base import (
     ExposureNet,
     Method,
@@ -547,7 +552,7 @@ class ExposureMF(Method):
         (0 on held-out cells), dL/dW_u = (l_s / n) W, dL/dW = (l_s / n)^T U, and the exposure
         gradients of `train_exposure_gradients` summed by GEMMs."""
         terms = self.block_terms(batch)
-        d = low_variance_derivatives(terms.logits, terms.exposure, batch.labels)
+        d = low_variance_block_derivatives(terms.logits, terms.exposure, batch.labels)
         n = terms.weight.sum()
         # Every gradient first: terms.item_table is the live item table, which the relevance
         # update changes in place.
@@ -577,7 +582,7 @@ class ExposureMF(Method):
         assert batch.weight is not None
         val_users, val_items, val_labels = self.validation_batch()
         terms = self.block_terms(batch)
-        d = low_variance_derivatives(terms.logits, terms.exposure, batch.labels, True)
+        d = low_variance_block_derivatives(terms.logits, terms.exposure, batch.labels, True)
         assert d.sm is not None
         eta, block = self.inner_lr, batch.users.numel()
         slope = d.s.mul_(terms.weight)
