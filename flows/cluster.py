@@ -44,7 +44,7 @@ from pathlib import Path
 import psutil
 
 from flows.cluster_network import make_network, netns_available, remove_network
-from flows.services import free_port, run_checked, terminate
+from flows.services import WORKER_QUERY_SECONDS, free_port, run_checked, terminate
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_ROOT = REPO / ".cluster"
@@ -128,6 +128,7 @@ def base_env() -> dict[str, str]:
         # While PostgreSQL restarts the Prefect server answers 500, which Prefect's clients
         # do not retry by default: a parent polling its children would fail (SCALING.md).
         "PREFECT_CLIENT_RETRY_EXTRA_CODES": "500",
+        "PREFECT_WORKER_QUERY_SECONDS": WORKER_QUERY_SECONDS,
     }
     return env
 

@@ -168,13 +168,16 @@ class RowAdam:
     def _row_update(self, k: int, rows: Tensor, grad: Tensor) -> None:
         """Lazy: the update on the touched rows only, gathered and written back."""
         param, m, v = self.params[k], self.exp_avg[k], self.exp_avg_sq[k]
+        # Padding entries (unique_rows) name rows[0] again and gather its values: given its
+        # gradient too, they compute its update exactly, so the duplicate writes agree.
+        source = torch.arange(rows.numel(), device=rows.device).masked_fill_(
+            padding_of(rows).squeeze(1), 0
+        )
+        grad = grad.index_select(0, source)
         p_rows, m_rows, v_rows = (t.index_select(0, rows) for t in (param, m, v))
         self._fused_update(p_rows, m_rows, v_rows, grad)
-        # Padding entries (unique_rows) name rows[0] again: give them its updated values, so
-        # the duplicate writes agree.
-        padding = padding_of(rows)
         for table, values in ((param, p_rows), (m, m_rows), (v, v_rows)):
-            write_rows(table, rows, torch.where(padding, values[:1], values))
+            write_rows(table, rows, values)
 
     def _scattered_update(self, k: int, index: Tensor, grad: Tensor) -> None:
         """Exact: the row gradients scattered into the (zero) gradient table, the update on
