@@ -36,8 +36,8 @@ def unique_rows(index: Tensor, n_rows: int) -> tuple[Tensor, Tensor]:
 
     Returns (rows, local): rows (B,) holds the n distinct rows in ascending order, then
     B - n copies of rows[0] as padding; rows.index_select(0, local) equals `index`. Gathering
-    the padded rows costs a few rows more than the distinct ones; `RowAdam` writes a padding
-    row back with the values of rows[0] (the same row), so the padding changes nothing. For
+    the padded rows costs a few rows more than the distinct ones; a padding row is rows[0] again
+    with a zero gradient, which `RowAdam` sums into rows[0]'s, so the padding changes nothing. For
     tables up to 64 rows per index (Yahoo's 15,400 users for 1,024 pairs) the rows are found
     by marking them in an (n_rows,) vector, faster on the CPU than a sort of random keys;
     larger tables sort, which keeps a step O(batch)."""
@@ -55,20 +55,13 @@ def unique_rows(index: Tensor, n_rows: int) -> tuple[Tensor, Tensor]:
     return rows, local
 
 
-def padding_of(rows: Tensor) -> Tensor:
-    """(B, 1) mask of the padding entries of `unique_rows`'s rows: the later copies of rows[0]
-    (the distinct rows are distinct, so no real row after position 0 equals it)."""
-    padding = rows == rows[:1]
-    padding[0] = False
-    return padding.unsqueeze(1)
-
-
 # Row writes through NumPy: the dtypes it shares with torch (bfloat16, for one, it has not).
 _NUMPY_DTYPES = (torch.float32, torch.float64, torch.float16)
 
 
 def write_rows(table: Tensor, rows: Tensor, values: Tensor) -> None:
-    """table[rows] = values for distinct `rows`. On the CPU through NumPy views of the same
+    """table[rows] = values, where repeated rows come with equal values (so the order of the
+    writes does not matter). On the CPU through NumPy views of the same
     memory: numpy's row assignment takes 12 us for (1000, 50) float32 rows where
     `index_copy_` takes 19 us, and a lazy step writes six such blocks. The write bypasses
     autograd's version counter: only for optimiser state and parameters outside any graph
@@ -127,9 +120,9 @@ class RowAdam:
         self.params, self.lr, self.weight_decay, self.lazy = params, lr, weight_decay, lazy
         self.exp_avg = [torch.zeros_like(p) for p in params]
         self.exp_avg_sq = [torch.zeros_like(p) for p in params]
-        # Exact path only: every entry is 0 between steps (a step writes its rows, then
-        # zeroes them again).
-        self._grad_tables = [] if lazy else [torch.zeros_like(p) for p in params]
+        # Gradients scattered per row: every entry is 0 between steps (a step writes its
+        # rows, then zeroes them again).
+        self._grad_tables = [torch.zeros_like(p) for p in params]
         self._step_count = torch.zeros((), dtype=torch.float32, device=params[0].device)
 
     @property
@@ -159,25 +152,25 @@ class RowAdam:
             if index is None:
                 self._fused_update(self.params[k], self.exp_avg[k], self.exp_avg_sq[k], grad)
             elif self.lazy:
-                rows, local = unique_rows(index, self.params[k].shape[0])
-                summed = grad.new_zeros(rows.numel(), grad.shape[1]).index_add_(0, local, grad)
-                self._row_update(k, rows, summed)
+                self._row_update(k, index, grad)
             else:
                 self._scattered_update(k, index, grad)
 
     def _row_update(self, k: int, rows: Tensor, grad: Tensor) -> None:
-        """Lazy: the update on the touched rows only, gathered and written back."""
+        """Lazy: the update on the touched rows only. `rows` may repeat a row (pairs of one
+        user, or `unique_rows`'s padding): the gradients are summed per row in the gradient
+        table, and every copy of a row then reads the same p, m, v and summed gradient, so
+        the copies compute the same update and their writes agree. Fixed shapes, no
+        `unique`: nothing in the step waits for the device."""
         param, m, v = self.params[k], self.exp_avg[k], self.exp_avg_sq[k]
-        # Padding entries (unique_rows) name rows[0] again and gather its values: given its
-        # gradient too, they compute its update exactly, so the duplicate writes agree.
-        source = torch.arange(rows.numel(), device=rows.device).masked_fill_(
-            padding_of(rows).squeeze(1), 0
-        )
-        grad = grad.index_select(0, source)
+        table = self._grad_tables[k]
+        table.index_add_(0, rows, grad)
+        grad_rows = table.index_select(0, rows)
+        table.index_fill_(0, rows, 0.0)
         p_rows, m_rows, v_rows = (t.index_select(0, rows) for t in (param, m, v))
-        self._fused_update(p_rows, m_rows, v_rows, grad)
-        for table, values in ((param, p_rows), (m, m_rows), (v, v_rows)):
-            write_rows(table, rows, values)
+        self._fused_update(p_rows, m_rows, v_rows, grad_rows)
+        for target, values in ((param, p_rows), (m, m_rows), (v, v_rows)):
+            write_rows(target, rows, values)
 
     def _scattered_update(self, k: int, index: Tensor, grad: Tensor) -> None:
         """Exact: the row gradients scattered into the (zero) gradient table, the update on
