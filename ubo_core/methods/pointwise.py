@@ -22,7 +22,8 @@ class FixedExposureMF(Method):
 
     loss: Loss
     loss_slope: Loss  # d loss / d logit per pair, in closed form (paper mode's fast step)
-    block_terms: BlockTerms  # (slopes, loss) of a dense block in few passes (dense mode's)
+    # (slopes, loss) of a dense block in few passes; None: from `loss_slope` and `loss`.
+    block_terms: BlockTerms | None = None
     hand_derived = True  # False: paper mode through autograd (the reference, for tests)
 
     def __init__(
@@ -85,9 +86,15 @@ class FixedExposureMF(Method):
         # 1/n in float64 (a float32 1/n would round; the slopes stay in their own dtype), from
         # a float32 sum, exact for blocks up to 2^24 cells and a third of the time.
         scale = 1.0 / batch.weight.sum().double()
-        slope, loss = type(self).block_terms(
-            user_rows @ item_table.T, self.item_exposure, batch.labels, batch.weight, scale
-        )
+        logits = user_rows @ item_table.T
+        cls = type(self)
+        if cls.block_terms is not None:
+            slope, loss = cls.block_terms(
+                logits, self.item_exposure, batch.labels, batch.weight, scale
+            )
+        else:
+            slope = cls.loss_slope(logits, self.item_exposure, batch.labels) * batch.weight * scale
+            loss = (cls.loss(logits, self.item_exposure, batch.labels) * batch.weight).sum() * scale
         self.optimizer.step([(batch.users, slope @ item_table), (None, slope.T @ user_rows)])
         return {"train_loss": loss}
 
