@@ -138,7 +138,8 @@ def captured(tensors: TrainingTensors, name: str, optimizer: str, steps: int) ->
 
 
 def dense_epoch(tensors: TrainingTensors, name: str) -> dict:
-    train, hyper = resolve_config(Params(), "yahoo", name, {"device": str(tensors.device)})
+    overrides = {"mode": "dense", "optimizer": "adam", "device": str(tensors.device)}
+    train, hyper = resolve_config(Params(), "yahoo", name, overrides)
     generator = torch.Generator(device=tensors.device).manual_seed(0)
     method = METHODS[name](tensors, train, hyper, generator)
     sampler = make_sampler(METHODS[name].sampling, tensors, train, generator)
