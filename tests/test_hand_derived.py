@@ -127,8 +127,8 @@ def test_row_sgd_is_torch_sgd(weight_decay):
     for _ in range(4):
         index = torch.randint(30, (12,), generator=gen)
         grad = torch.randn(12, 4, generator=gen, dtype=torch.float64)
-        exact.step_pairs([(index, grad)])
-        lazy.step_pairs([(index, grad)])
+        exact.step([(index, grad)])
+        lazy.step([(index, grad)])
         torch_sgd.zero_grad()
         tables[2].grad = torch.zeros_like(start).index_add_(0, index, grad)
         torch_sgd.step()
@@ -163,7 +163,7 @@ def test_row_adam_is_torch_adam(weight_decay):
     for _ in range(5):
         index = torch.randint(30, (12,), generator=gen)
         grad = torch.randn(12, 4, generator=gen)
-        mine.step_pairs([(index, grad)])
+        mine.step([(index, grad)])
         torch_adam.zero_grad()
         reference.grad = torch.zeros_like(reference).index_add_(0, index, grad)
         torch_adam.step()
@@ -190,7 +190,7 @@ def test_lazy_row_adam_is_adam_on_the_touched_rows(weight_decay):
         index = torch.randint(25, (12,), generator=gen)  # rows 25..29 are never touched
         grad = torch.randn(12, 4, generator=gen, dtype=torch.float64)
         touched[index] = True
-        mine.step_pairs([(index, grad)])
+        mine.step([(index, grad)])
 
         rows = torch.unique(index)
         g = torch.zeros_like(ref).index_add_(0, index, grad)[rows] + weight_decay * ref[rows]

@@ -277,6 +277,7 @@ class BlockTripleSampler:
             within = torch.arange(size, device=t.device) - starts
             items = self.items_by_user[self.offsets.index_select(0, users)[local] + within]
             local, items = local.repeat(self.rounds), items.repeat(self.rounds)
-            negatives = self.unlabeled.sample(users.index_select(0, local), self.generator)
-            labels = t.labels[users[local], items]
+            triple_users = users.index_select(0, local)
+            negatives = self.unlabeled.sample(triple_users, self.generator)
+            labels = t.labels[triple_users, items]
             yield Batch(users, items, labels, negatives=negatives, local=local)

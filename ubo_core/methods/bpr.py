@@ -62,7 +62,7 @@ class BPR(Method):
         margin = (user_rows * (positive_rows - negative_rows)).sum(-1)
         slope = ((torch.sigmoid(margin) - 1.0) / margin.numel()).unsqueeze(-1)
         user_grad = slope * user_rows
-        self.optimizer.step_pairs(
+        self.optimizer.step(
             [
                 (batch.users, slope * (positive_rows - negative_rows)),
                 (torch.cat([batch.items, batch.negatives]), torch.cat([user_grad, -user_grad])),

@@ -369,7 +369,7 @@ class ExposureMF(Method):
         self, terms: PairTerms, coef_e: Tensor, coef_gate: Tensor, users: Tensor
     ) -> list[tuple[Tensor | None, Tensor]]:
         """Per-pair gradient c_e w_i of the exposure user rows and the gate's summed
-        gradients (sum c_g w_i, sum c_g), as `RowAdam.step_pairs` takes them."""
+        gradients (sum c_g w_i, sum c_g), as `RowAdam.step` takes them."""
         return [
             (users, coef_e.unsqueeze(-1) * terms.item_rows),
             (None, (coef_gate @ terms.item_rows).view_as(self.gate_weight)),
@@ -401,18 +401,14 @@ class ExposureMF(Method):
         terms = self.pair_terms(batch)
         d = low_variance_derivatives(terms.logits, terms.exposure, batch.labels)
         n = batch.labels.numel()
-        self.relevance_optimizer.step_pairs(
-            self.relevance_gradients(terms, d.s / n, d.m / n, batch)
-        )
+        self.relevance_optimizer.step(self.relevance_gradients(terms, d.s / n, d.m / n, batch))
         return low_variance_loss(terms.logits, terms.exposure, batch.labels).mean()
 
     def pair_exposure_step(self, batch: Batch) -> Tensor:
         terms = self.pair_terms(batch)
         d = low_variance_derivatives(terms.logits, terms.exposure, batch.labels)
         n = batch.labels.numel()
-        self.exposure_optimizer.step_pairs(
-            self.train_exposure_gradients(terms, d.m / n, batch.users)
-        )
+        self.exposure_optimizer.step(self.train_exposure_gradients(terms, d.m / n, batch.users))
         return low_variance_loss(terms.logits, terms.exposure, batch.labels).mean()
 
     def pair_joint_step(self, batch: Batch) -> Tensor:
@@ -420,10 +416,8 @@ class ExposureMF(Method):
         d = low_variance_derivatives(terms.logits, terms.exposure, batch.labels)
         n = batch.labels.numel()
         loss_s, loss_m = d.s / n, d.m / n
-        self.relevance_optimizer.step_pairs(self.relevance_gradients(terms, loss_s, loss_m, batch))
-        self.exposure_optimizer.step_pairs(
-            self.train_exposure_gradients(terms, loss_m, batch.users)
-        )
+        self.relevance_optimizer.step(self.relevance_gradients(terms, loss_s, loss_m, batch))
+        self.exposure_optimizer.step(self.train_exposure_gradients(terms, loss_m, batch.users))
         return low_variance_loss(terms.logits, terms.exposure, batch.labels).mean()
 
     def pair_validation_bilevel_step(self, batch: Batch) -> Tensor:
@@ -491,7 +485,7 @@ class ExposureMF(Method):
         if not through:
             coef_e, coef_gate = -eta * c * r * q1, -eta * c * gap * r1
             grads = self.exposure_gradients(terms, coef_e, coef_gate, batch.users)
-            self.exposure_optimizer.step_pairs(grads)
+            self.exposure_optimizer.step(grads)
             return outer_loss
         q2, r2 = q1 * (1.0 - 2.0 * q), r1 * (1.0 - 2.0 * r)
         ae = (a_item * terms.exposure_rows).sum(-1)
@@ -507,7 +501,7 @@ class ExposureMF(Method):
         grads[0] = (batch.users, grads[0][1] + (r * q1).unsqueeze(-1) * along_adjoint)
         gate_extra = (gap * r1).unsqueeze(-1) * along_adjoint
         grads[1] = (None, grads[1][1] + gate_extra.sum(0).view_as(self.gate_weight))
-        self.exposure_optimizer.step_pairs(grads)
+        self.exposure_optimizer.step(grads)
         return outer_loss
 
     # -- hand-derived dense-mode steps -----------------------------------------------------

@@ -14,7 +14,7 @@ from ubo_core.methods.base import Method, RelevanceMF, gather_items, row_logits
 from ubo_core.methods.rows import RowAdam, RowSubset
 
 Loss = Callable[[Tensor, Tensor, Tensor], Tensor]
-BlockTerms = Callable[[Tensor, Tensor, Tensor, Tensor, Tensor], tuple[Tensor, Tensor]]
+BlockSlopeLoss = Callable[[Tensor, Tensor, Tensor, Tensor, Tensor], tuple[Tensor, Tensor]]
 
 
 class FixedExposureMF(Method):
@@ -23,8 +23,8 @@ class FixedExposureMF(Method):
     loss: Loss
     loss_slope: Loss  # d loss / d logit per pair, in closed form (paper mode's fast step)
     # (slopes, loss) of a dense block in few passes; None: from `loss_slope` and `loss`.
-    block_terms: BlockTerms | None = None
-    hand_derived = True  # False: paper mode through autograd (the reference, for tests)
+    block_slope_loss: BlockSlopeLoss | None = None
+    hand_derived = True  # False: both modes through autograd (the reference, for tests)
 
     def __init__(
         self, tensors: TrainingTensors, train: TrainConfig, hyper: Any, generator: torch.Generator
@@ -68,9 +68,7 @@ class FixedExposureMF(Method):
         exposure = self.item_exposure.index_select(0, batch.items)
         slope = type(self).loss_slope(logits, exposure, batch.labels) / batch.labels.numel()
         slope = slope.unsqueeze(-1)
-        self.optimizer.step_pairs(
-            [(batch.users, slope * item_rows), (batch.items, slope * user_rows)]
-        )
+        self.optimizer.step([(batch.users, slope * item_rows), (batch.items, slope * user_rows)])
         loss = type(self).loss(logits, exposure, batch.labels).mean()
         return {"train_loss": loss}
 
@@ -78,7 +76,7 @@ class FixedExposureMF(Method):
         """Dense mode with the gradient in closed form: with S the (B, M) matrix of slopes
         l_s / n over the block's training cells (0 on held-out ones, n of them), the user rows
         get S W and the item table S^T U. Three GEMMs and a few elementwise passes over the
-        block (`block_terms`), where autograd's chain of the loss's operations took ~80% of
+        block (`block_slope_loss`), where autograd's chain of the loss's operations took ~80% of
         the time."""
         assert batch.weight is not None
         user_rows = self.user_emb.detach().index_select(0, batch.users)
@@ -88,8 +86,8 @@ class FixedExposureMF(Method):
         scale = 1.0 / batch.weight.sum().double()
         logits = user_rows @ item_table.T
         cls = type(self)
-        if cls.block_terms is not None:
-            slope, loss = cls.block_terms(
+        if cls.block_slope_loss is not None:
+            slope, loss = cls.block_slope_loss(
                 logits, self.item_exposure, batch.labels, batch.weight, scale
             )
         else:

@@ -26,7 +26,7 @@ class RelMF(FixedExposureMF):
     Hyper = RelMFHyper
     loss = staticmethod(ips_loss)
     loss_slope = staticmethod(ips_loss_slope)
-    block_terms = staticmethod(ips_block)
+    block_slope_loss = staticmethod(ips_block)
 
     def fixed_exposure(self) -> Tensor:
         return popularity_exposure(self.tensors).clamp_min(self.hyper.clip)

@@ -5,7 +5,7 @@ A 1024-pair minibatch touches at most 1024 user rows and 1024 item rows of table
 zero table and Adam would then update every row: both O(table) per step. Instead a step
 works on the unique rows it touches: either as small leaf tensors that autograd
 differentiates (`RowSubset`; dense mode and the reference form of paper-mode steps) or with
-per-pair gradients in closed form (`RowAdam.step_pairs`; the hand-derived paper-mode steps),
+per-pair gradients in closed form (the hand-derived paper-mode steps),
 and `RowAdam` applies the update to those rows.
 
 `RowAdam` is exactly `torch.optim.Adam` (L2 weight decay added to the gradient) when
@@ -125,14 +125,11 @@ class RowAdam:
         self._grad_tables = [torch.zeros_like(p) for p in params]
         self._step_count = torch.zeros((), dtype=torch.float32, device=params[0].device)
 
-    @property
-    def steps(self) -> int:
-        """Steps taken (a host read: for checkpoints and tests, not inside a step)."""
-        return int(self._step_count.item())
-
     @torch.no_grad()
     def step(self, grads: list[tuple[Tensor | None, Tensor]]) -> None:
-        """One Adam step; `grads[k]` = (distinct rows or None for all rows, their gradient)."""
+        """One Adam step; `grads[k]` = (the row of each gradient row, or None for a
+        whole-parameter gradient; gradient). Rows may repeat (the per-pair gradients of the
+        hand-derived steps, `unique_rows`'s padding): both paths sum them per row."""
         self._step_count.add_(1)
         for k, (rows, grad) in enumerate(grads):
             if rows is None:
@@ -141,20 +138,6 @@ class RowAdam:
                 self._row_update(k, rows, grad)
             else:
                 self._scattered_update(k, rows, grad)
-
-    @torch.no_grad()
-    def step_pairs(self, grads: list[tuple[Tensor | None, Tensor]]) -> None:
-        """One Adam step from per-pair gradients: `grads[k]` = (index (B,) naming the row of
-        each gradient row, duplicates allowed, or None for a whole-parameter gradient).
-        The hand-derived paper-mode steps use this; duplicates are summed per row."""
-        self._step_count.add_(1)
-        for k, (index, grad) in enumerate(grads):
-            if index is None:
-                self._fused_update(self.params[k], self.exp_avg[k], self.exp_avg_sq[k], grad)
-            elif self.lazy:
-                self._row_update(k, index, grad)
-            else:
-                self._scattered_update(k, index, grad)
 
     def _row_update(self, k: int, rows: Tensor, grad: Tensor) -> None:
         """Lazy: the update on the touched rows only. `rows` may repeat a row (pairs of one
@@ -176,8 +159,7 @@ class RowAdam:
         """Exact: the row gradients scattered into the (zero) gradient table, the update on
         every row (rows outside the batch move by their momentum), the rows zeroed again."""
         table = self._grad_tables[k]
-        # index_add_, also for distinct rows: unique_rows's padding repeats a row (with a
-        # zero gradient), which index_copy_ would write in an undefined order.
+        # index_add_: rows repeat (pairs of one row, unique_rows's padding).
         table.index_add_(0, index, grad)
         self._fused_update(self.params[k], self.exp_avg[k], self.exp_avg_sq[k], table)
         table.index_fill_(0, index, 0.0)

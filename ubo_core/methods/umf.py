@@ -13,7 +13,7 @@ from ubo_core.methods.pointwise import FixedExposureMF
 class UMF(FixedExposureMF):
     loss = staticmethod(low_variance_loss)
     loss_slope = staticmethod(low_variance_slope)
-    block_terms = staticmethod(low_variance_block)
+    block_slope_loss = staticmethod(low_variance_block)
 
     def fixed_exposure(self) -> Tensor:
         # theta_i = 0 for items without a training positive would make log(m p) = -inf on a
