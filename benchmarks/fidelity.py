@@ -358,15 +358,23 @@ def train_record(key: dict[str, Any], data: FeedbackData) -> dict[str, Any]:
 
 
 def needed(
-    params: Params, rows: Iterable[Row], datasets: list[str] | None, seeds: list[int], version
+    params: Params,
+    rows: Iterable[Row],
+    datasets: list[str] | None,
+    seeds: list[int],
+    version,
+    labels: list[str] | None = None,
 ) -> dict[str, tuple[dict[str, Any], str]]:
-    """key text -> (key, a label naming the first row and variant that needs it)."""
+    """key text -> (key, a label naming the first row and variant that needs it); `labels`,
+    when given, keeps only the variants so labelled."""
     keys = {}
     for row in rows:
         for dataset in row.datasets:
             if datasets and dataset not in datasets:
                 continue
             for variant in (row.default, *row.variants):
+                if labels and variant.label not in labels:
+                    continue
                 for seed in row.seeds or seeds:
                     key = run_key(params, row, variant, dataset, seed, version)
                     keys.setdefault(key_text(key), (key, f"{row.name}: {variant.label}"))
@@ -374,7 +382,12 @@ def needed(
 
 
 def run(
-    rows: list[Row], datasets: list[str] | None, seeds: list[int], jobs: int, params_path: Path
+    rows: list[Row],
+    datasets: list[str] | None,
+    seeds: list[int],
+    jobs: int,
+    params_path: Path,
+    labels: list[str] | None = None,
 ) -> None:
     version = code_version(REPO)
     if "+dirty" in version:
@@ -382,7 +395,7 @@ def run(
     params = load_params(params_path)  # read once: later edits do not reach the runs
     data_dirs = (str(params.data.interim_dir), str(params.data.processed_dir))
     done = load_runs()
-    wanted = needed(params, rows, datasets, seeds, version)
+    wanted = needed(params, rows, datasets, seeds, version, labels)
     todo = [job for text, job in wanted.items() if text not in done]
     # Yahoo first (long), so the short runs fill the gaps at the end.
     todo.sort(key=lambda job: (job[0]["dataset"] != "yahoo", job[0]["seed"]))
@@ -558,6 +571,12 @@ def main() -> int:
     pick.add_argument("--all", action="store_true", help="every row but the hours-long ones")
     run_parser.add_argument("--datasets", help="comma-separated; default: the row's")
     run_parser.add_argument("--seeds", default="0,1,2")
+    run_parser.add_argument(
+        "--variant",
+        action="append",
+        help="only the variant with this label (repeatable; see `list`): an hours-long row's "
+        "missing cell without retraining the cells a behaviour-free code change left valid",
+    )
     run_parser.add_argument("--jobs", type=int, default=2, help="runs side by side")
     run_parser.add_argument(
         "--params", type=Path, default=BASE_PARAMS, help="base configuration (default: %(default)s)"
@@ -589,7 +608,7 @@ def main() -> int:
     else:
         rows = [ROWS[name] for name in args.row]
     datasets = args.datasets.split(",") if args.datasets else None
-    run(rows, datasets, seeds, args.jobs, args.params)
+    run(rows, datasets, seeds, args.jobs, args.params, args.variant)
     return 0
 
 
