@@ -17,10 +17,18 @@ import time
 from pathlib import Path
 from typing import Any
 
+from mlflow.tracking import MlflowClient
 from prefect import flow, get_run_logger
 
 from flows import store, study, tracked_run
-from flows.children import STALL_SECONDS, Child, cancel_waiting, submit, wait_for_children
+from flows.children import (
+    STALL_SECONDS,
+    Child,
+    cancel_waiting,
+    submit,
+    training_slots,
+    wait_for_children,
+)
 from ubo_core.config import load_params
 from ubo_core.methods import METHODS, check_method_params, get_method, resolve_config
 
@@ -108,6 +116,8 @@ def ubo(
     experiment_id = store.get_experiment_id(experiment, repo)
     parent = study.start_parent_run(experiment_id, datasets, methods, seeds, common, per_method)
     logger.info("MLflow parent run %s; %d children planned", parent, len(plan))
+    if slots := training_slots(train_deployment):
+        MlflowClient().set_tag(parent, study.TAG_SLOTS, str(slots))
     submitted: list[tuple[Child, tuple]] = []
     try:
         run_ids = []

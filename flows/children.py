@@ -111,6 +111,27 @@ def _pool_of(client: SyncPrefectClient, deployment: str) -> str | None:
     return client.read_deployment_by_name(deployment).work_pool_name
 
 
+def training_slots(deployment: str, recent: float = 60.0) -> int | None:
+    """How many runs of `deployment` can train at once: its pool's concurrency limit, else
+    the number of its pool's workers heard from in the last `recent` seconds (None: no
+    server answer). The report divides the study's run time by it (overhead ratio)."""
+    with get_client(sync_client=True) as client:
+        pool = _pool_of(client, deployment)
+        if pool is None:
+            return None
+        limit = client.read_work_pool(pool).concurrency_limit
+        if limit:
+            return int(limit)
+        now = datetime.now(UTC)
+        workers = client.read_workers_for_work_pool(pool)
+    live = [
+        w
+        for w in workers
+        if w.last_heartbeat_time and (now - w.last_heartbeat_time).total_seconds() <= recent
+    ]
+    return len(live) or None
+
+
 def _live_worker(client: SyncPrefectClient, pool: str, now: datetime, stall: float) -> bool:
     return any(
         worker.last_heartbeat_time is not None

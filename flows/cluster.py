@@ -352,9 +352,11 @@ def start_worker(state: ClusterState, name: str) -> None:
     # In its network namespace, where there is one: `ip netns exec` execs the worker itself.
     inside = ["ip", "netns", "exec", state.network["namespaces"][name]] if state.network else []
     prefect_cli = [*inside, sys.executable, "-m", "prefect", "worker", "start"]
+    # Its flow runs fork from a warm server of its own (flows/warm.py), as SCALING.md says.
+    warm_worker = [*inside, sys.executable, "-m", "flows.warm", "worker"]
     state.pids[f"{name}/worker"] = _detach(
         f"{name}-worker",
-        [*prefect_cli, "--pool", TRAIN_POOL, "--limit", "1", "--name", name],
+        [*warm_worker, "--pool", TRAIN_POOL, "--limit", "1", "--name", name],
         host / "repo",
         host_env(state, name),
         logs,

@@ -170,18 +170,9 @@ def services_running(env: dict[str, str], cpu_workers: int) -> Iterator[tuple[di
         services.start("worker-control", ["worker", "start", "--pool", CONTROL_POOL])
         for index in range(slots):
             worker_env = env | ({"CUDA_VISIBLE_DEVICES": str(index)} if gpus else {})
-            services.start(
-                f"worker-{train_pool}-{index}",
-                [
-                    "worker",
-                    "start",
-                    "--pool",
-                    train_pool,
-                    "--limit",
-                    "1",
-                    "--name",
-                    f"{train_pool}-{index}",
-                ],
+            services.start_training_worker(
+                f"{train_pool}-{index}",
+                ["--pool", train_pool, "--limit", "1", "--name", f"{train_pool}-{index}"],
                 env=worker_env,
             )
         print(f"started {slots} {'GPU' if gpus else 'CPU'} worker(s) on pool {train_pool}")

@@ -5,6 +5,7 @@ paper's order, display names, the paper's published values).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import tempfile
 from collections.abc import Sequence
@@ -15,10 +16,11 @@ import mlflow
 import numpy as np
 import pandas as pd
 from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
 from scipy import stats
 
 from flows import run_identity, store, tracked_run
-from flows.study import summarise
+from flows.study import TAG_SLOTS, summarise
 from ubo_core.config import load_params
 from ubo_core.data import FeedbackData
 from ubo_core.datasets.registry import SEMISYNTHETIC, Dataset, get_dataset
@@ -75,6 +77,16 @@ def paper_value(dataset: str, metric: str, method: str) -> float | None:
 
 # -- collecting the runs ---------------------------------------------------------------------
 @dataclass
+class Invocation:
+    """One `ubo/full-benchmark` run as its MLflow parent run saw it: from creation to end
+    (ms), and how many children could train at once (None: not recorded)."""
+
+    start: float
+    end: float | None
+    slots: int | None
+
+
+@dataclass
 class Study:
     """The selected runs: one row per (dataset, method, seed), plus what the report names."""
 
@@ -94,6 +106,7 @@ class Study:
     # Semi-synthetic sets: the test set ranked by the truth and by popularity (no training).
     references: dict[str, list[ReferenceRanking]] = field(default_factory=dict)
     unexposed_references: dict[str, list[ReferenceRanking]] = field(default_factory=dict)
+    invocations: dict[str, Invocation] = field(default_factory=dict)  # parent run id ->
 
     @staticmethod
     def seed_series(
@@ -200,6 +213,13 @@ def collect(
             study.other_versions += 1
     study.runs = pd.DataFrame(rows)
     study.missing = missing
+    for parent in sorted({row["parent"] for row in rows if row["parent"]}):
+        with contextlib.suppress(MlflowException):  # a parent deleted from the store
+            run = client.get_run(parent)
+            slots = run.data.tags.get(TAG_SLOTS, "")
+            study.invocations[parent] = Invocation(
+                run.info.start_time, run.info.end_time, int(slots) if slots.isdigit() else None
+            )
     return study
 
 

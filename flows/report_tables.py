@@ -20,6 +20,7 @@ from flows.report_runs import (
     REFERENCE_DISPLAY,
     RQ2_METHODS,
     UNEXPOSED_METRICS,
+    Invocation,
     Study,
     paired_tests,
     paper_value,
@@ -258,20 +259,41 @@ def pcc_table(study: Study, dataset: str) -> str:
     return "\n".join(lines)
 
 
-def _invocations(runs: pd.DataFrame) -> str:
+def _invocations(runs: pd.DataFrame, invocations: dict[str, Invocation]) -> str:
     """Per `ubo/full-benchmark` invocation (parent run) whose runs were selected: how many and
     the span from its first selected run's start to its last one's end. A rerun trains only
-    the cells whose run key changed, so one table can hold runs of several invocations."""
+    the cells whose run key changed, so one table can hold runs of several invocations.
+
+    Where the parent recorded its slots (runs that could train at once), also the
+    orchestration overhead: the parent run's wall time, from its creation (before the first
+    child is submitted) to its end (after the last finished and the table was logged), over
+    the ideal, the sum of its runs' run times (`wall_seconds`: training and evaluation) over
+    the slots. 1.00x would be every slot training from the first second to the last."""
     spans = (
         runs.groupby("parent", sort=False)
-        .agg(n=("run_id", "size"), start=("start", "min"), end=("end", "max"))
+        .agg(
+            n=("run_id", "size"),
+            start=("start", "min"),
+            end=("end", "max"),
+            busy=("wall_seconds", "sum"),
+        )
         .sort_values("start")
     )
-    parts = [
-        f"{row.n} runs from {_utc(row.start)} to {_utc(row.end)} UTC "
-        f"({(row.end - row.start) / 3.6e6:.2f} h)"
-        for row in spans.itertuples()
-    ]
+    parts = []
+    for row in spans.itertuples():
+        text = (
+            f"{row.n} runs from {_utc(row.start)} to {_utc(row.end)} UTC "
+            f"({(row.end - row.start) / 3.6e6:.2f} h)"
+        )
+        invocation = invocations.get(str(row.Index))
+        if invocation is not None and invocation.slots and invocation.end:
+            wall = (invocation.end - invocation.start) / 1000
+            ideal = row.busy / invocation.slots
+            text += (
+                f", parent run {wall / 3600:.2f} h on {invocation.slots} slots: "
+                f"**{wall / ideal:.2f}x** the sum of its run times / slots ({ideal / 3600:.2f} h)"
+            )
+        parts.append(text)
     head = "one benchmark invocation" if len(parts) == 1 else f"{len(parts)} benchmark invocations"
     return f"{head}: " + "; ".join(parts)
 
@@ -322,7 +344,7 @@ def render(study: Study, discussion: str = "") -> str:
         f"- Finished runs of the same cells with another code, data or configuration version "
         f"in the store, left out: {study.other_versions}.",
         f"- Machine: {'; '.join(machines)}; devices: {', '.join(sorted(set(runs['device'])))}.",
-        f"- Wall time: {_invocations(runs)}; sum of run times "
+        f"- Wall time: {_invocations(runs, study.invocations)}; sum of run times "
         f"{runs['wall_seconds'].sum() / 3600:.2f} h, of which training (evaluation excluded) "
         f"{runs['train_seconds'].sum() / 3600:.2f} h.",
         "",

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 import yaml
 
-from ubo_core.config import Params, TrainConfig
+from ubo_core.config import SAFE_LOADER, Params, TrainConfig
 from ubo_core.data import DATASET_FILE
 from ubo_core.errors import DataError
 from ubo_core.methods import resolve_config
@@ -119,7 +119,7 @@ def _dvc_lock_md5s(repo: Path) -> dict[str, str]:
     if not lock.is_file():
         return {}
     try:
-        stages = (yaml.safe_load(lock.read_text()) or {}).get("stages", {})
+        stages = (yaml.load(lock.read_text(), Loader=SAFE_LOADER) or {}).get("stages", {})
     except yaml.YAMLError:
         return {}
     return {

@@ -42,9 +42,10 @@ os.execv(sys.argv[2], sys.argv[2:])
 
 # How often a worker asks the server for scheduled runs. Prefect's default, 10 s, left a free
 # worker idle 5 s on average (up to 10) before each cell: most of a Coat cell's wall time
-# (docs/PERFORMANCE.md, orchestration). A poll is one cheap request (it marks the queue as
-# polled: a small write, which SQLite takes in its stride at a few workers).
-WORKER_QUERY_SECONDS = "2"
+# (docs/PERFORMANCE.md, orchestration); 2 s still left 1.3-1.6 s between warm-started cells.
+# A poll is one cheap request (it marks the queue as polled: a small write, which SQLite
+# takes in its stride at a few workers).
+WORKER_QUERY_SECONDS = "1"
 
 
 def service_env() -> dict[str, str]:
@@ -95,6 +96,14 @@ class Services:
         return self.spawn(
             name, [sys.executable, "-m", "prefect", *prefect_args], cwd, env, stop_last
         )
+
+    def start_training_worker(
+        self, name: str, worker_args: list[str], cwd: Path = REPO, env: dict[str, str] | None = None
+    ) -> subprocess.Popen:
+        """`prefect worker start <worker_args>` as service `worker-<name>`, with a warm server
+        of its own that its flow runs are forked from (`python -m flows.warm worker`)."""
+        argv = [sys.executable, "-m", "flows.warm", "worker", *worker_args]
+        return self.spawn(f"worker-{name}", argv, cwd, env)
 
     def spawn(
         self,

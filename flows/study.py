@@ -30,6 +30,8 @@ from ubo_core.methods import METHODS
 TAG_ROLE = "ubo.role"
 TAG_FAILED = "ubo.failed_children"
 TAG_FLOW_RUN = "prefect.flow_run_id"
+# On a parent run: how many of its children could train at once (flows.children.training_slots).
+TAG_SLOTS = "ubo.slots"
 
 
 # -- aggregation -----------------------------------------------------------------------------

@@ -44,8 +44,9 @@ def trainings_of(root: Path, host: str) -> list[psutil.Process]:
     found = []
     for process in psutil.process_iter():
         with contextlib.suppress(psutil.Error):
-            if process.environ().get("PREFECT_HOME") == home and "prefect.engine" in " ".join(
-                process.cmdline()
+            command = " ".join(process.cmdline())  # a cold flow run's, or a warm one's start
+            if process.environ().get("PREFECT_HOME") == home and (
+                "prefect.engine" in command or "flows.warm start" in command
             ):
                 found.append(process)
     return found

@@ -157,11 +157,8 @@ def stack(tmp_path_factory) -> Iterator[Stack]:
 
 
 def start_training_worker(services: Services, name: str, repo: Path, env: dict[str, str]):
-    return services.start(
-        f"worker-{name}",
-        ["worker", "start", "--pool", TRAIN_POOL, "--limit", "1", "--name", name],
-        repo,
-        env=env,
+    return services.start_training_worker(
+        name, ["--pool", TRAIN_POOL, "--limit", "1", "--name", name], repo, env=env
     )
 
 

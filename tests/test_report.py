@@ -47,6 +47,28 @@ def test_paired_tests_average_over_seeds_then_test_over_users():
     assert row["t_p_holm"] == row["t_p"]  # one baseline: nothing to adjust
 
 
+def test_what_ran_prints_the_orchestration_overhead_by_hand():
+    """Issue 15, part 5: the parent run's wall time over (sum of run times / slots)."""
+    hour = 3.6e6  # ms
+    runs = pd.DataFrame(
+        {
+            "parent": ["p", "p", "p", "q"],
+            "run_id": ["a", "b", "c", "d"],
+            "start": [0.0, 0.0, 0.5 * hour, 2 * hour],
+            "end": [1.0 * hour, 0.5 * hour, 1.0 * hour, 2.1 * hour],
+            "wall_seconds": [3600.0, 1800.0, 1800.0, 360.0],
+        }
+    )
+    invocations = {
+        "p": report_runs.Invocation(start=-0.1 * hour, end=1.1 * hour, slots=2),
+        "q": report_runs.Invocation(start=2 * hour, end=2.1 * hour, slots=None),  # not recorded
+    }
+    text = report_tables._invocations(runs, invocations)
+    # p: 7200 s of runs on 2 slots = 1 h ideal; its parent ran 1.2 h -> 1.20x
+    assert "3 runs from" in text and "parent run 1.20 h on 2 slots: **1.20x**" in text
+    assert text.count("x** the sum") == 1  # q recorded no slots: no ratio
+
+
 def test_paper_values_and_difference_in_std_units():
     assert report_runs.paper_value("yahoo", "dcg@3", "ubo") == 0.888
     assert report_runs.paper_value("coat", "map@1", "relmf") == 0.555

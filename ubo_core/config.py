@@ -29,6 +29,9 @@ import yaml
 from ubo_core.errors import ConfigError
 
 T = TypeVar("T")
+# libyaml's parser where PyYAML was built with it (the wheels are): the same documents, ten
+# times faster; every training run reads params.yaml, ~0.2 s of a Coat cell in pure Python.
+SAFE_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 # A data set's name is a folder name and part of DVC's stage names (download@<name>).
 DATASET_NAME = re.compile(r"[a-z][a-z0-9_]*")
@@ -357,8 +360,8 @@ def load_params(path: str | Path = "params.yaml") -> Params:
         raise ConfigError("(file)", "not found", source=path)
     try:
         text = path.read_text()
-        _check_duplicate_keys(yaml.compose(text), "", path)
-        raw = yaml.safe_load(text)
+        _check_duplicate_keys(yaml.compose(text, Loader=SAFE_LOADER), "", path)
+        raw = yaml.load(text, Loader=SAFE_LOADER)
     except yaml.YAMLError as error:
         raise ConfigError("(file)", f"not valid YAML ({error})", source=path) from error
     raw = raw if raw is not None else {}
