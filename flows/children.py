@@ -30,6 +30,7 @@ from typing import Any
 from uuid import UUID
 
 from prefect.client.orchestration import SyncPrefectClient, get_client
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 from prefect.client.schemas.objects import State, StateType
 from prefect.deployments import run_deployment
 from prefect.events.filters import (
@@ -45,6 +46,7 @@ PARENT_TAG = "ubo-parent:"  # children carry PARENT_TAG + the parent's flow run 
 HEARTBEAT_EVENT = "prefect.flow-run.heartbeat"
 HEARTBEAT_SECONDS = 30  # prefect.yaml's training deployments send one this often
 STALL_SECONDS = 300.0  # default of the flows' `stall_seconds`: 10 heartbeats missed
+PAGE = 200  # flow runs read per request (the API's limit)
 
 
 @dataclass
@@ -107,6 +109,20 @@ def dead_reason(
     return None
 
 
+def _states(client: SyncPrefectClient, flow_run_ids: list[UUID | None]) -> dict[UUID, State]:
+    """The current state of each flow run, in pages of 200: a request per child per poll
+    kept a SQLite server at half a core through a 200-cell study (28 requests a second)."""
+    ids = [flow_run_id for flow_run_id in flow_run_ids if flow_run_id is not None]
+    states: dict[UUID, State] = {}
+    for start in range(0, len(ids), PAGE):
+        page = client.read_flow_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=ids[start : start + PAGE])),
+            limit=PAGE,
+        )
+        states |= {run.id: run.state for run in page if run.state is not None}
+    return states
+
+
 def _pool_of(client: SyncPrefectClient, deployment: str) -> str | None:
     return client.read_deployment_by_name(deployment).work_pool_name
 
@@ -157,10 +173,13 @@ def wait_for_children(
         while len(final) < len(children):
             now = datetime.now(UTC)
             waiting = False
+            states = _states(
+                client, [c.flow_run_id for i, c in enumerate(children) if i not in final]
+            )
             for index, child in enumerate(children):
                 if index in final:
                     continue
-                state = client.read_flow_run(child.flow_run_id).state
+                state = states.get(child.flow_run_id)
                 if state is None:
                     continue
                 if state.is_final():
