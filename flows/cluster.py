@@ -44,7 +44,13 @@ from pathlib import Path
 import psutil
 
 from flows.cluster_network import make_network, netns_available, remove_network
-from flows.services import WORKER_QUERY_SECONDS, free_port, run_checked, terminate
+from flows.services import (
+    CANCELLATION_CLEANUP_SECONDS,
+    WORKER_QUERY_SECONDS,
+    free_port,
+    run_checked,
+    terminate,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_ROOT = REPO / ".cluster"
@@ -129,6 +135,7 @@ def base_env() -> dict[str, str]:
         # do not retry by default: a parent polling its children would fail (SCALING.md).
         "PREFECT_CLIENT_RETRY_EXTRA_CODES": "500",
         "PREFECT_WORKER_QUERY_SECONDS": WORKER_QUERY_SECONDS,
+        "PREFECT_SERVER_SERVICES_CANCELLATION_CLEANUP_LOOP_SECONDS": CANCELLATION_CLEANUP_SECONDS,
     }
     return env
 
