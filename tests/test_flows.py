@@ -400,6 +400,15 @@ def test_both_training_workers_ran_children_one_at_a_time(benchmark):
     assert benchmark.parent.labels["prefect.worker.name"] not in TRAIN_WORKERS
 
 
+def test_the_children_ran_forked_from_their_workers_warm_servers(benchmark, stack):
+    """Issue 15, part 5: each training worker (`python -m flows.warm worker`) started its warm
+    server, and no child fell back to a cold start."""
+    for worker in TRAIN_WORKERS:
+        log = stack.services.tail(f"worker-{worker}", lines=100_000)
+        assert "flows.warm: serving @ubo-warm-" in log, log[-2000:]
+        assert "starting the flow run cold" not in log, log[-2000:]
+
+
 # -- 3. a failing child, then the fix ----------------------------------------------------------
 def test_failed_child_fails_the_parent_and_a_rerun_trains_only_that_child(stack):
     experiment = stack.experiment("faults")
