@@ -135,7 +135,7 @@ def start() -> int:
 # ---- serve: the warm server -------------------------------------------------------------
 
 
-def _project_files() -> dict[str, float]:
+def _project_files() -> dict[str, int]:
     """Source file -> modification time of every loaded module of this project."""
     root = str(Path(__file__).resolve().parents[1])
     files = {}
@@ -146,7 +146,7 @@ def _project_files() -> dict[str, float]:
     return files
 
 
-def _changed(files: dict[str, float]) -> str | None:
+def _changed(files: dict[str, int]) -> str | None:
     for path, mtime in files.items():
         try:
             if os.stat(path).st_mtime_ns != mtime:
@@ -165,7 +165,7 @@ def _die_with_parent(signum: int = signal.SIGKILL) -> None:
         pass  # not Linux: a lost server leaves its runs to the dead-child rule
 
 
-def _become_flow_run(request: dict, fds: list[int], files: dict[str, float]) -> None:
+def _become_flow_run(request: dict, fds: list[int], files: dict[str, int]) -> None:
     """In the forked child: turn into `python -m prefect.engine` with the client's
     environment, working directory and streams. Never returns."""
     code = 1
@@ -227,7 +227,7 @@ class WarmServer:
         self.selector = selectors.DefaultSelector()
         self.children: dict[int, tuple[socket.socket, int]] = {}  # pid -> (client, pidfd)
         self.stopping = False
-        self.files: dict[str, float] = {}
+        self.files: dict[str, int] = {}
 
     def preload(self) -> None:
         import gc
