@@ -138,22 +138,17 @@ def training_slots(deployment: str, recent: float = 60.0) -> int | None:
         limit = client.read_work_pool(pool).concurrency_limit
         if limit:
             return int(limit)
-        now = datetime.now(UTC)
-        workers = client.read_workers_for_work_pool(pool)
-    live = [
-        w
-        for w in workers
-        if w.last_heartbeat_time and (now - w.last_heartbeat_time).total_seconds() <= recent
-    ]
-    return len(live) or None
+        return len(_live_workers(client, pool, datetime.now(UTC), recent)) or None
 
 
-def _live_worker(client: SyncPrefectClient, pool: str, now: datetime, stall: float) -> bool:
-    return any(
-        worker.last_heartbeat_time is not None
-        and (now - worker.last_heartbeat_time).total_seconds() <= stall
+def _live_workers(client: SyncPrefectClient, pool: str, now: datetime, within: float) -> list:
+    """The workers of `pool` heard from in the last `within` seconds."""
+    return [
+        worker
         for worker in client.read_workers_for_work_pool(pool)
-    )
+        if worker.last_heartbeat_time is not None
+        and (now - worker.last_heartbeat_time).total_seconds() <= within
+    ]
 
 
 def wait_for_children(
@@ -206,7 +201,7 @@ def wait_for_children(
             if (
                 waiting
                 and pools
-                and not any(_live_worker(client, pool, now, stall_seconds) for pool in pools)
+                and not any(_live_workers(client, pool, now, stall_seconds) for pool in pools)
             ):
                 no_worker_since = no_worker_since or time.monotonic()
                 if time.monotonic() - no_worker_since > stall_seconds:

@@ -156,11 +156,11 @@ def _changed(files: dict[str, int]) -> str | None:
     return None
 
 
-def _die_with_parent(signum: int = signal.SIGKILL) -> None:
+def _die_with_parent() -> None:
     try:
         import ctypes
 
-        ctypes.CDLL(None, use_errno=True).prctl(1, signum)  # PR_SET_PDEATHSIG
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
         pass  # not Linux: a lost server leaves its runs to the dead-child rule
 
@@ -238,9 +238,11 @@ class WarmServer:
         started = time.perf_counter()
         for module in PRELOAD:
             importlib.import_module(module)
+        loaded = len(PRELOAD)
         for module in PRELOAD_IF_PRESENT:
             try:
                 importlib.import_module(module)
+                loaded += 1
             except ImportError:
                 pass
         self.files = _project_files()
@@ -250,7 +252,7 @@ class WarmServer:
         if extra:  # a fork copies no other thread: a lock one held would stay held
             raise SystemExit(f"flows.warm: threads started during preload: {extra}")
         print(
-            f"flows.warm: serving {self.name} ({len(PRELOAD)} modules preloaded in "
+            f"flows.warm: serving {self.name} ({loaded} modules preloaded in "
             f"{time.perf_counter() - started:.1f} s)",
             flush=True,
         )
@@ -295,6 +297,8 @@ class WarmServer:
             return
         request, fds = self._read_request(client)
         if request is None:
+            for fd in fds:  # a malformed request's streams are not ours to keep
+                os.close(fd)
             client.close()
             return
         pid = os.fork()
@@ -365,28 +369,27 @@ class WarmServer:
 
 def worker(worker_args: list[str]) -> None:
     """`prefect worker start <worker_args>` with a warm server of its own: the server is
-    started first, as the worker's child (it dies with it), then this process becomes the
-    worker, its environment naming the server and this interpreter first on PATH (the
-    flow-run command of prefect.yaml is `python -m flows.warm start`)."""
+    started first, as the worker's child (it dies with it: the services' launcher,
+    flows/services.py), then this process becomes the worker, its environment naming the
+    server and this interpreter first on PATH (the flow-run command of prefect.yaml is
+    `python -m flows.warm start`)."""
     import subprocess
     import uuid
+
+    from flows.services import DIE_WITH_PARENT
 
     name = f"@ubo-warm-{uuid.uuid4().hex[:12]}"
     path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", os.defpath)])
     env = dict(os.environ) | {SOCKET_ENV: name, "PATH": path}
-    me = str(os.getpid())
+    server = [sys.executable, "-m", "flows.warm", "serve", "--socket", name]
     subprocess.Popen(  # noqa: S603 (our own interpreter)
-        [sys.executable, "-m", "flows.warm", "serve", "--socket", name, "--parent", me], env=env
+        [sys.executable, "-c", DIE_WITH_PARENT, str(os.getpid()), *server], env=env
     )
     command = [sys.executable, "-m", "prefect", "worker", "start", *worker_args]
     os.execve(sys.executable, command, env)
 
 
-def serve(name: str, parent: int | None = None) -> int:
-    if parent is not None:  # the worker it serves (`worker`): go when it goes
-        _die_with_parent(signal.SIGTERM)
-        if os.getppid() != parent:
-            return 0  # it is already gone
+def serve(name: str) -> int:
     server = WarmServer(name)
     server.preload()
     server.serve()
@@ -404,7 +407,6 @@ def main(argv: list[str] | None = None) -> int:
         required=True,
         help=f"@NAME (abstract, Linux) or a path; the worker's {SOCKET_ENV}",
     )
-    serve_parser.add_argument("--parent", type=int, help=argparse.SUPPRESS)
     sub.add_parser("start", help="the flow-run command a worker runs (prefect.yaml)")
     worker_parser = sub.add_parser(
         "worker",
@@ -417,7 +419,7 @@ def main(argv: list[str] | None = None) -> int:
         return start()
     if args.command == "worker":
         worker(args.worker_args)
-    return serve(args.socket, args.parent)
+    return serve(args.socket)
 
 
 if __name__ == "__main__":
