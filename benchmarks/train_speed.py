@@ -1,7 +1,8 @@
 """Training speed against what the machine can physically do, and against the libraries users
 would pick instead: every method and mode over whole epochs of Yahoo!-sized data.
 
-    python benchmarks/train_speed.py [--methods ubo,umf,...] [--modes paper,paper_lazy,dense]
+    python benchmarks/train_speed.py [--methods ubo,umf,...]
+        [--modes paper,paper_lazy,dense,dense_eager]
         [--epochs 1] [--max-steps 0] [--peers] [--device cpu] [--threads 1]
         [--data data/processed/yahoo/dataset.npz] [--out docs/train_speed.json]
         [--profile ubo:paper_lazy]
@@ -9,7 +10,10 @@ would pick instead: every method and mode over whole epochs of Yahoo!-sized data
 Each configuration runs in a fresh subprocess: the method is built as `fit` builds it, warmed
 up on a few steps, then timed over `--epochs` whole epochs, each from `sampler.epoch()` (the
 shuffle and, for BPR, the negative sampling included) to its last step. `--max-steps` cuts
-every epoch short (a smoke run; the table then says so).
+every epoch short (a smoke run; the table then says so). `dense` runs dense mode's
+elementwise passes as the study does (`train.elementwise: auto`: compiled into one loop per
+step where a C++ compiler is present, ubo_core/fused.py; compilation happens in the warm-up),
+`dense_eager` op by op, for comparison.
 
 The limit ratio: in the same process, on the same shapes, the time the step's unavoidable
 work takes alone, divided by the measured time. So 1.0 means the step does nothing beyond
@@ -50,6 +54,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ubo_core import fused
 from ubo_core.config import Params
 from ubo_core.data import FeedbackData
 from ubo_core.datasets.validation import build_validation_sets
@@ -90,10 +95,13 @@ def load_data(path: Path) -> tuple[FeedbackData, str]:
 
 def build(tensors: TrainingTensors, name: str, mode: str, device: str, threads: int):
     """The method and sampler of one configuration as fit() builds them."""
-    # "paper_lazy": paper mode with optimizer lazy_adam (SparseAdam semantics).
+    # "paper_lazy": paper mode with optimizer lazy_adam (SparseAdam semantics); "dense_eager":
+    # dense mode with its elementwise passes op by op.
     optimizer = "lazy_adam" if mode == "paper_lazy" else "adam"
-    mode = "paper" if mode == "paper_lazy" else mode
+    elementwise = "eager" if mode == "dense_eager" else "auto"
+    mode = {"paper_lazy": "paper", "dense_eager": "dense"}.get(mode, mode)
     overrides = {"mode": mode, "device": device, "optimizer": optimizer, "threads": threads}
+    overrides["elementwise"] = elementwise
     train, hyper = resolve_config(Params(), "yahoo", name, overrides)
     if tensors.device.type == "cpu":
         torch.set_num_threads(train.cpu_threads() or torch.get_num_threads())
@@ -209,7 +217,7 @@ def run_one(args: argparse.Namespace) -> dict:
     batch = next(iter(sampler.epoch()))
     step_seconds = seconds / steps
     with_adam = None
-    if mode == "dense" or METHODS[name].sampling == "full":
+    if mode.startswith("dense") or METHODS[name].sampling == "full":
         limit, gemms = gemm_limit(method, batch, device)
         kind = f"{gemms} GEMMs"
         # Exact Adam moves every row of every table each step: its memory traffic is as
@@ -228,6 +236,7 @@ def run_one(args: argparse.Namespace) -> dict:
         "limit": kind,
         "limit_ratio_with_adam": with_adam,
         "threads": torch.get_num_threads(),
+        "elementwise": fused.active() if mode.startswith("dense") else "",
         "peak_mib": peak_memory_mib(device),
         "data": source,
         "epoch_examples": tensors.n_train_pairs(),

@@ -189,6 +189,9 @@ def collect(
                         "parent": tags.get(run_identity.PARENT_TAG, ""),
                         "machine": tags.get(run_identity.TAG_MACHINE, "unknown"),
                         "device": tags.get("device", "unknown"),
+                        # Dense mode's elementwise passes: compiled | eager ("" in paper mode
+                        # and in runs from before the tag).
+                        "elementwise": tags.get("elementwise", ""),
                         "epochs": int(run.data.params.get("train.epochs", 0)),
                         # The selection objective at the run's last epoch (the tuned one).
                         "hyper": run.data.metrics.get(HYPER_KEY, math.nan),

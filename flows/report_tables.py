@@ -259,6 +259,17 @@ def pcc_table(study: Study, dataset: str) -> str:
     return "\n".join(lines)
 
 
+def _elementwise(runs: pd.DataFrame) -> str:
+    """How dense runs' elementwise passes ran (ubo_core/fused.py), e.g. `; dense elementwise
+    passes: compiled (180 runs)`; empty without dense runs or with runs from before the tag."""
+    paths = runs.loc[runs["elementwise"] != "", "elementwise"].value_counts()
+    if paths.empty:
+        return ""
+    return "; dense elementwise passes: " + ", ".join(
+        f"{path} ({count} runs)" for path, count in sorted(paths.items())
+    )
+
+
 def _invocations(runs: pd.DataFrame, invocations: dict[str, Invocation]) -> str:
     """Per `ubo/full-benchmark` invocation (parent run) whose runs were selected: how many and
     the span from its first selected run's start to its last one's end. A rerun trains only
@@ -343,7 +354,8 @@ def render(study: Study, discussion: str = "") -> str:
         + ".",
         f"- Finished runs of the same cells with another code, data or configuration version "
         f"in the store, left out: {study.other_versions}.",
-        f"- Machine: {'; '.join(machines)}; devices: {', '.join(sorted(set(runs['device'])))}.",
+        f"- Machine: {'; '.join(machines)}; devices: {', '.join(sorted(set(runs['device'])))}"
+        f"{_elementwise(runs)}.",
         f"- Wall time: {_invocations(runs, study.invocations)}; sum of run times "
         f"{runs['wall_seconds'].sum() / 3600:.2f} h, of which training (evaluation excluded) "
         f"{runs['train_seconds'].sum() / 3600:.2f} h.",

@@ -37,9 +37,11 @@ TAG_REUSED_BY = "ubo.reused_by."  # + parent run id: a skipped run counts for th
 PARENT_TAG = "mlflow.parentRunId"
 
 # Train keys that do not change a run's result, so they stay out of `run_key`: the device
-# (a run on CPU and one on GPU are the same experiment), the CPU thread count and how often
-# the validation curves are evaluated (evaluation never draws from the training generator).
-NON_RESULT_KEYS: frozenset[str] = frozenset({"device", "threads", "eval_every"})
+# (a run on CPU and one on GPU are the same experiment), the CPU thread count, whether dense
+# mode's elementwise passes ran compiled or eager (the same values to rounding, as with
+# threads) and how often the validation curves are evaluated (evaluation never draws from the
+# training generator).
+NON_RESULT_KEYS: frozenset[str] = frozenset({"device", "threads", "elementwise", "eval_every"})
 # Bump when the meaning of a key changes, so that old runs are not reused by mistake.
 RUN_KEY_VERSION = 1
 

@@ -58,7 +58,7 @@ from flows.store import (
     search,
     to_mlflow_key,
 )
-from ubo_core import trainer
+from ubo_core import fused, trainer
 from ubo_core.config import Params, TrainConfig, build, load_params
 from ubo_core.data import DATASET_FILE, load_processed
 from ubo_core.engine import TrainingTensors, resolve_device
@@ -281,6 +281,8 @@ def _train_logged(
     started = time.perf_counter()
     # trainer.fit through the module, so tests (and profilers) can patch it.
     result = trainer.fit(method, data, train, hyper, seed, callback=log_epoch, progress=progress)
+    if train.mode == "dense":  # which path dense mode's elementwise passes took (same values
+        client.set_tag(run_id, "elementwise", fused.active())  # to rounding, like threads)
     metrics = dict(result.test_metrics)
     if result.history and "pcc" in result.history[-1].metrics:
         metrics["pcc"] = result.history[-1].metrics["pcc"]  # already the curve's last point

@@ -21,6 +21,7 @@ import torch
 from planted import planted_feedback
 from torch import nn
 
+from ubo_core import fused
 from ubo_core.config import TrainConfig
 from ubo_core.engine import (
     BlockSampler,
@@ -31,13 +32,17 @@ from ubo_core.engine import (
 )
 from ubo_core.estimators import (
     ips_block,
+    ips_cells,
     ips_loss,
     ips_loss_slope,
     low_variance_block,
-    low_variance_block_derivatives,
+    low_variance_cells,
     low_variance_derivatives,
     low_variance_loss,
     low_variance_slope,
+    mixed_exposure_cells,
+    mixed_exposure_hyper_coefficients,
+    mixed_exposure_slope,
 )
 from ubo_core.methods import METHODS
 from ubo_core.methods.rows import RowAdam, RowSGD, unique_rows
@@ -89,9 +94,10 @@ def test_low_variance_derivatives_are_autograds(saturated):
 
 @pytest.mark.parametrize("saturated", [False, True], ids=["interior", "clamped"])
 def test_dense_block_forms_equal_the_general_ones(saturated):
-    """Dense mode's few-pass forms (`low_variance_block`, `ips_block`,
-    `low_variance_block_derivatives`) against the general per-pair forms: the same slopes,
-    partials and (weighted, scaled) losses, clamped cells included."""
+    """Dense mode's few-pass forms (`low_variance_block`, `ips_block`) and the single
+    expressions ubo_core/fused.py compiles (`*_cells`) against the general per-pair forms: the
+    same slopes, partials, exposure coefficients and (weighted, scaled) losses, clamped cells
+    included."""
     logit, exposure, label = random_pairs()
     if saturated:
         logit[:100] = 40.0
@@ -100,20 +106,42 @@ def test_dense_block_forms_equal_the_general_ones(saturated):
     weight = (torch.arange(400) % 7 != 0).double()  # some held-out cells
     scale = 1.0 / weight.sum()
     general = low_variance_derivatives(logit, exposure, label, second_order=True)
-    block = low_variance_block_derivatives(logit.clone(), exposure, label, second_order=True)
-    torch.testing.assert_close(block.s, general.s, rtol=1e-12, atol=1e-15)
-    torch.testing.assert_close(block.m, general.m, rtol=1e-12, atol=1e-15)
-    torch.testing.assert_close(block.sm, general.sm, rtol=1e-12, atol=1e-15)
-    if not saturated:  # the loss reads log(m p): equal while m p is a normal number
-        slope, loss = low_variance_block(logit.clone(), exposure, label, weight, scale)
-        expected = low_variance_slope(logit, exposure, label) * weight * scale
-        torch.testing.assert_close(slope, expected)
+    # The mixed-exposure kernels take m = r q + (1 - r) theta: r = 0, theta = m gives m exactly
+    # (clamped cells included); r = 1, q = m checks the exposure coefficients r q'.
+    ones, zeros = torch.ones_like(exposure), torch.zeros_like(exposure)
+    through_theta = torch.zeros_like(logit), zeros, exposure, label
+    slope, loss = mixed_exposure_cells(logit, *through_theta, weight, scale, False)
+    torch.testing.assert_close(slope, general.s * weight * scale, rtol=1e-12, atol=1e-15)
+    slope = mixed_exposure_slope(logit, *through_theta, weight)
+    torch.testing.assert_close(slope, general.s * weight, rtol=1e-12, atol=1e-15)
+    if not saturated:  # exposure 1 and 1e-13 do not survive logit and sigmoid
         expected = (low_variance_loss(logit, exposure, label) * weight).sum() * scale
         torch.testing.assert_close(loss, expected, rtol=1e-12, atol=0)
-    slope, loss = ips_block(logit.clone(), exposure, label, weight, scale)
-    torch.testing.assert_close(slope, ips_loss_slope(logit, exposure, label) * weight * scale)
-    expected = (ips_loss(logit, exposure, label) * weight).sum() * scale
-    torch.testing.assert_close(loss, expected, rtol=1e-12, atol=1e-12)
+        personal_logit = torch.logit(exposure)
+        q = torch.sigmoid(personal_logit)
+        through_q = personal_logit, ones, zeros, label
+        _, _, coef_e, coef_gate = mixed_exposure_cells(logit, *through_q, weight, scale, True)
+        expected = general.m * weight * scale * q * (1 - q)
+        torch.testing.assert_close(coef_e, expected, rtol=1e-9, atol=1e-15)
+        torch.testing.assert_close(coef_gate, zeros)  # r' = 0 at r = 1
+        coupling, neg_eta = (
+            torch.randn(400, dtype=torch.float64),
+            torch.tensor(-0.3, dtype=torch.float64),
+        )
+        coef_e, _ = mixed_exposure_hyper_coefficients(coupling, logit, *through_q, weight, neg_eta)
+        expected = -0.3 * coupling * general.sm * weight * q * (1 - q)
+        torch.testing.assert_close(coef_e, expected, rtol=1e-9, atol=1e-15)
+        for form in (low_variance_block, low_variance_cells):
+            slope, loss = form(logit.clone(), exposure, label, weight, scale)
+            expected = low_variance_slope(logit, exposure, label) * weight * scale
+            torch.testing.assert_close(slope, expected)
+            expected = (low_variance_loss(logit, exposure, label) * weight).sum() * scale
+            torch.testing.assert_close(loss, expected, rtol=1e-12, atol=0)
+    for form in (ips_block, ips_cells):
+        slope, loss = form(logit.clone(), exposure, label, weight, scale)
+        torch.testing.assert_close(slope, ips_loss_slope(logit, exposure, label) * weight * scale)
+        expected = (ips_loss(logit, exposure, label) * weight).sum() * scale
+        torch.testing.assert_close(loss, expected, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("weight_decay", [0.0, 0.01])
@@ -216,6 +244,7 @@ def make_pair(
     weight_decay: float = 0.0,
     seed: int = 0,
     mode: str = "paper",
+    elementwise: str = "eager",
     **knobs,
 ):
     """Two float64 copies of one method from the same state: hand-derived and autograd;
@@ -231,6 +260,7 @@ def make_pair(
         batch_size=64,
         val_batch_size=4,  # below the 8 validation pairs: each step draws its own batch
         weight_decay=weight_decay,
+        elementwise=elementwise,
     )
     previous = torch.get_default_dtype()
     torch.set_default_dtype(torch.float64)
@@ -279,7 +309,7 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("mode", ["paper", "dense"])
+@pytest.mark.parametrize("mode", ["paper", "dense", "dense_compiled"])
 @pytest.mark.parametrize("weight_decay", [0.0, 0.01], ids=["no_decay", "decay"])
 @pytest.mark.parametrize("optimizer", ["adam", "lazy_adam"])
 @pytest.mark.parametrize(("name", "knobs"), CASES, ids=["-".join([n, *k]) for n, k in CASES])
@@ -288,9 +318,19 @@ def test_hand_derived_steps_equal_autograd_steps(name, knobs, optimizer, weight_
     users against all items, or their BPR triples; UBO's validation batches of 4 drawn from
     the method's generator) give the same parameters and losses both ways, and the
     hand-derived copy never calls autograd (BiOpt2's bi-level step is autograd, and so is
-    dense mode with `item_grad_through_exposure`)."""
+    dense mode with `item_grad_through_exposure`). "dense_compiled": the same with dense
+    mode's elementwise passes compiled (ubo_core/fused.py), for the methods that use them."""
+    elementwise = "compiled" if mode == "dense_compiled" else "eager"
+    mode = "dense" if mode == "dense_compiled" else mode
+    if elementwise == "compiled":
+        if name in ("bpr", "cjmf") or knobs.get("item_grad_through_exposure"):
+            pytest.skip("no fused kernel on this path")
+        if not fused.compiler_present(torch.device("cpu")):
+            pytest.skip("no C++ compiler for torch.compile")
     data, _, _ = planted_feedback(n_users=20, n_items=15, n_test_items=4, seed=5)
-    tensors, train, (hand, auto) = make_pair(name, data, optimizer, weight_decay, 0, mode, **knobs)
+    tensors, train, (hand, auto) = make_pair(
+        name, data, optimizer, weight_decay, 0, mode, elementwise, **knobs
+    )
     start = hand.state()["user_emb"].clone()
     sampler_class = {
         ("paper", False): PairSampler,

@@ -195,6 +195,7 @@ class SemisyntheticConfig:
 
 TRAIN_MODES: tuple[str, ...] = ("paper", "dense")
 OPTIMIZERS: tuple[str, ...] = ("adam", "lazy_adam")
+ELEMENTWISE_SETTINGS: tuple[str, ...] = ("auto", "compiled", "eager")
 
 
 @dataclass(frozen=True)
@@ -225,6 +226,10 @@ class TrainConfig:
     # a second thread costs more than it saves: 0.8 against 1.35 ms per UMF step on Yahoo),
     # all cores in dense mode (GEMMs). Same seed and same thread count: bitwise same results.
     threads: int = 0
+    # Dense mode's elementwise passes (ubo_core/fused.py): "compiled" fuses each step's chain
+    # into one loop (torch.compile), "eager" runs it op by op, "auto" compiles where a
+    # compiler is present. The same values to float rounding; the run records which ran.
+    elementwise: str = "auto"
 
     def __post_init__(self) -> None:
         if self.mode not in TRAIN_MODES:
@@ -235,6 +240,12 @@ class TrainConfig:
             raise ConfigError(
                 "optimizer",
                 f"unknown optimizer {self.optimizer!r}; expected one of {list(OPTIMIZERS)}",
+            )
+        if self.elementwise not in ELEMENTWISE_SETTINGS:
+            raise ConfigError(
+                "elementwise",
+                f"unknown setting {self.elementwise!r}; expected one of "
+                f"{list(ELEMENTWISE_SETTINGS)}",
             )
         if self.device != "auto" and not (
             self.device == "cpu" or self.device == "cuda" or self.device.startswith("cuda:")

@@ -148,25 +148,117 @@ def ips_block(
     return slope.mul_(weight).mul_(scale), loss
 
 
-def low_variance_block_derivatives(
-    logit: Tensor, exposure: Tensor, label: Tensor, second_order: bool = False
-) -> LowVarianceDerivatives:
-    """`low_variance_derivatives` (l_s, l_m and, with `second_order`, l_sm; not l_mm) for a
-    dense block of binary labels, in about half the passes: with a = p / (1 - m p) on the
-    negatives (0 where 1 - m p is clamped), l_s = m (1 - p) a, l_m = a, l_sm = (1 - p) a /
-    (1 - m p); on the positives l_s = p - 1, l_m = -1/m, l_sm = 0. The same values and
-    clamps as the general form, which the tests compare it with."""
+# -- dense mode's cells as single expressions: what ubo_core.fused compiles into one loop ----
+# Each computes the same values and clamps as the eager forms above (tests compare them), out
+# of place and without data-dependent control flow, so torch.compile fuses every elementwise
+# operation of a block step into one pass over the (B, M) cells instead of a dozen.
+
+
+def low_variance_cells(
+    logit: Tensor, exposure: Tensor, label: Tensor, weight: Tensor, scale: Tensor
+) -> tuple[Tensor, Tensor]:
+    """`low_variance_block` out of place: (l_s * weight * scale, weighted loss sum * scale)."""
     p = torch.sigmoid(logit)
-    one_minus = torch.rsub(exposure * p, 1.0)
-    a = (one_minus >= _MIN_ONE_MINUS).to(p.dtype)
-    one_minus.clamp_min_(_MIN_ONE_MINUS)
-    a.mul_(p).div_(one_minus)
-    q = torch.rsub(p, 1.0)  # 1 - p
+    mp = exposure * p
+    one_minus_raw = 1.0 - mp
+    one_minus = one_minus_raw.clamp_min(_MIN_ONE_MINUS)
     positive = label > 0
-    inv_exposure = torch.where(
-        exposure >= _MIN_EXPOSURE, exposure.clamp_min(_MIN_EXPOSURE).reciprocal(), 0.0
+    picked = torch.where(positive, mp.clamp_min(_MIN_EXPOSURE * 1e-30), one_minus)
+    loss = -(picked.log() * weight).sum() * scale
+    negative = torch.where(one_minus_raw >= _MIN_ONE_MINUS, mp * (1.0 - p) / one_minus, 0.0)
+    slope = torch.where(positive, p - 1.0, negative)
+    return slope * weight * scale, loss
+
+
+def ips_cells(
+    logit: Tensor, exposure: Tensor, label: Tensor, weight: Tensor, scale: Tensor
+) -> tuple[Tensor, Tensor]:
+    """`ips_block` out of place, sigmoid and logsigmoid from one exp: with e = exp(-|s|),
+    log p = min(s, 0) - log(1 + e) and p = (1 or e) / (1 + e) as s >= 0 or not."""
+    ratio = label / exposure
+    e = torch.exp(-logit.abs())
+    one_plus = 1.0 + e
+    log_p = logit.clamp_max(0.0) - torch.log(one_plus)
+    loss = (((1.0 - ratio) * logit - log_p) * weight).sum() * scale
+    p = torch.where(logit >= 0, 1.0, e) / one_plus
+    return (p - ratio) * weight * scale, loss
+
+
+def _mixed_exposure_partials(
+    logit: Tensor, personal_logit: Tensor, gate: Tensor, theta: Tensor, label: Tensor
+) -> tuple[Tensor, ...]:
+    """m = r q + (1 - r) theta with q = sigmoid(E W^T) (Eq. 13), and L2's pieces on a block:
+    p, q, m, m p, the clamped 1 - m p, the positive mask and a = p / (1 - m p) on the
+    negatives (0 where 1 - m p is clamped): the quantities of `low_variance_derivatives`."""
+    q = torch.sigmoid(personal_logit)
+    m = gate * q + (1.0 - gate) * theta
+    p = torch.sigmoid(logit)
+    mp = m * p
+    one_minus_raw = 1.0 - mp
+    one_minus = one_minus_raw.clamp_min(_MIN_ONE_MINUS)
+    a = torch.where(one_minus_raw >= _MIN_ONE_MINUS, p / one_minus, 0.0)
+    return p, q, m, mp, one_minus, label > 0, a
+
+
+def mixed_exposure_cells(
+    logit: Tensor,
+    personal_logit: Tensor,
+    gate: Tensor,
+    theta: Tensor,
+    label: Tensor,
+    weight: Tensor,
+    scale: Tensor,
+    exposure_grads: bool,
+) -> tuple[Tensor, ...]:
+    """L2 with the exposure net m_a on a block of users x all items (the relevance step and
+    JointOpt's / AlterOpt's step on L_train): from the logits s = U W^T, the exposure logits
+    E W^T, the gate r (M,) and theta (M,), returns l_s * weight * scale and the weighted loss
+    sum * scale, and with `exposure_grads` the coefficients of the exposure gradients,
+    c_e = l_m w scale r q' and c_g = l_m w scale (q - theta) r' (q' = q (1 - q), r' likewise),
+    which `ExposureMF.block_exposure_gradients` turns into dL/de_u, dL/dg and dL/db."""
+    p, q, m, mp, one_minus, positive, a = _mixed_exposure_partials(
+        logit, personal_logit, gate, theta, label
     )
-    d_m = torch.where(positive, -inv_exposure, a)
-    d_sm = torch.where(positive, 0.0, q * a / one_minus) if second_order else None
-    d_s = torch.where(positive, p.sub_(1.0), a.mul_(q).mul_(exposure))
-    return LowVarianceDerivatives(d_s, d_m, d_sm)
+    slope = torch.where(positive, p - 1.0, m * (1.0 - p) * a) * weight * scale
+    picked = torch.where(positive, mp.clamp_min(_MIN_EXPOSURE * 1e-30), one_minus)
+    loss = -(picked.log() * weight).sum() * scale
+    if not exposure_grads:
+        return slope, loss
+    inv_m = torch.where(m >= _MIN_EXPOSURE, 1.0 / m.clamp_min(_MIN_EXPOSURE), 0.0)
+    loss_m = torch.where(positive, -inv_m, a) * weight * scale
+    coef_e = loss_m * gate * (q * (1.0 - q))
+    coef_gate = loss_m * (q - theta) * (gate * (1.0 - gate))
+    return slope, loss, coef_e, coef_gate
+
+
+def mixed_exposure_slope(
+    logit: Tensor,
+    personal_logit: Tensor,
+    gate: Tensor,
+    theta: Tensor,
+    label: Tensor,
+    weight: Tensor,
+) -> Tensor:
+    """l_s * weight on a block with the exposure net's m (UBO's inner gradient G = (l_s w) W)."""
+    p, _, m, _, _, positive, a = _mixed_exposure_partials(logit, personal_logit, gate, theta, label)
+    return torch.where(positive, p - 1.0, m * (1.0 - p) * a) * weight
+
+
+def mixed_exposure_hyper_coefficients(
+    coupling: Tensor,
+    logit: Tensor,
+    personal_logit: Tensor,
+    gate: Tensor,
+    theta: Tensor,
+    label: Tensor,
+    weight: Tensor,
+    neg_eta: Tensor,
+) -> tuple[Tensor, Tensor]:
+    """UBO's hypergradient coefficients on a block (Eq. 16-17): with C the coupling
+    A_U W^T + U A_W^T and c = -eta C l_sm w, returns (c r q', c (q - theta) r')."""
+    p, q, _, _, one_minus, positive, a = _mixed_exposure_partials(
+        logit, personal_logit, gate, theta, label
+    )
+    loss_sm = torch.where(positive, 0.0, (1.0 - p) * a / one_minus)
+    c = coupling * loss_sm * weight * neg_eta
+    return c * gate * (q * (1.0 - q)), c * (q - theta) * (gate * (1.0 - gate))

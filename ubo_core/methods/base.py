@@ -15,6 +15,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
+from ubo_core import fused
 from ubo_core.config import TrainConfig
 from ubo_core.engine import Batch, TrainingTensors
 from ubo_core.estimators import item_popularity_exposure
@@ -47,6 +48,7 @@ class Method(ABC):
     ) -> None:
         self.tensors, self.train, self.hyper, self.generator = tensors, train, hyper, generator
         self.device = tensors.device
+        fused.configure(train.elementwise, tensors.device)
 
     @abstractmethod
     def step(self, batch: Batch) -> dict[str, Tensor]:

@@ -23,15 +23,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ubo_core import fused
 from ubo_core.config import TrainConfig, check_choice
 from ubo_core.engine import Batch, TrainingTensors
 from ubo_core.errors import ConfigError
-from ubo_core.estimators import (
-    log_loss,
-    low_variance_block_derivatives,
-    low_variance_derivatives,
-    low_variance_loss,
-)
+from ubo_core.estimators import log_loss, low_variance_derivatives, low_variance_loss
 from ubo_core.methods.base import (
     ExposureNet,
     Method,
@@ -141,26 +137,22 @@ class PairTerms:
 @dataclass
 class BlockTerms:
     """The same quantities on a block of users against all items: U, E rows (B, d), the item
-    table W (M, d), logits s = U W^T and q = sigmoid(E W^T) (B, M), the gate r and theta
-    (M,), m = r q + (1 - r) theta (B, M), and the training cells' weight (B, M)."""
+    table W (M, d), the logits s = U W^T and the exposure logits E W^T (B, M), the gate r and
+    theta (M,), and the training cells' weight (B, M). q = sigmoid(E W^T) and
+    m = r q + (1 - r) theta are formed inside the fused kernels (ubo_core/fused.py)."""
 
     user_rows: Tensor
     item_table: Tensor
     exposure_rows: Tensor
     logits: Tensor
-    personal: Tensor
+    personal_logits: Tensor
     gate: Tensor
     theta: Tensor
-    exposure: Tensor
     weight: Tensor
 
-    @property
-    def personal_slope(self) -> Tensor:
-        return self.personal * (1.0 - self.personal)
-
-    @property
-    def gate_slope(self) -> Tensor:
-        return self.gate * (1.0 - self.gate)
+    def cells(self, label: Tensor) -> tuple[Tensor, ...]:
+        """The per-cell arguments every mixed-exposure kernel starts with."""
+        return self.logits, self.personal_logits, self.gate, self.theta, label
 
 
 class ExposureMF(Method):
@@ -506,25 +498,21 @@ class ExposureMF(Method):
 
     # -- hand-derived dense-mode steps -----------------------------------------------------
     def block_terms(self, batch: Batch) -> BlockTerms:
-        """The per-cell quantities of L2 with m_a on a block of users against all items."""
+        """The per-cell inputs of L2 with m_a on a block of users against all items."""
         assert batch.weight is not None
         user_rows = self.user_emb.detach().index_select(0, batch.users)
         exposure_rows = self.exposure_user_emb.detach().index_select(0, batch.users)
         item_table = self.item_emb.detach()
-        # The same operations as `exposure_from_rows`, so m is the same number.
+        # The gate as `exposure_from_rows` computes it, so r is the same number.
         gate = torch.sigmoid(item_table @ self.gate_weight.detach() + self.gate_bias.detach())
-        personal = torch.sigmoid(exposure_rows @ item_table.T)
-        theta = self.exposure_net.theta
-        gate = gate.squeeze(-1)
         return BlockTerms(
             user_rows,
             item_table,
             exposure_rows,
             user_rows @ item_table.T,
-            personal,
-            gate,
-            theta,
-            gate * personal + (1.0 - gate) * theta,
+            exposure_rows @ item_table.T,
+            gate.squeeze(-1),
+            self.exposure_net.theta,
             batch.weight,
         )
 
@@ -544,26 +532,25 @@ class ExposureMF(Method):
         """The relevance step, AlterOpt's exposure step on L_train, or both at once
         (JointOpt), on a block: with n the block's training cells and l_s, l_m per cell
         (0 on held-out cells), dL/dW_u = (l_s / n) W, dL/dW = (l_s / n)^T U, and the exposure
-        gradients of `train_exposure_gradients` summed by GEMMs."""
+        gradients of `train_exposure_gradients` summed by GEMMs; every per-cell quantity in
+        one fused pass (`fused.mixed_exposure`)."""
         terms = self.block_terms(batch)
-        d = low_variance_block_derivatives(terms.logits, terms.exposure, batch.labels)
-        n = terms.weight.sum()
+        scale = (1.0 / terms.weight.sum().double()).to(terms.logits.dtype)  # as in UMF's step
+        slope, loss, *coefficients = fused.mixed_exposure(
+            *terms.cells(batch.labels), terms.weight, scale, exposure
+        )
         # Every gradient first: terms.item_table is the live item table, which the relevance
         # update changes in place.
         if exposure:
-            loss_m = d.m.mul_(terms.weight).div_(n)
-            coef_e = loss_m * terms.gate * terms.personal_slope
-            coef_gate = loss_m * (terms.personal - terms.theta) * terms.gate_slope
+            coef_e, coef_gate = coefficients
             exposure_grads = self.block_exposure_gradients(terms, coef_e, coef_gate, batch.users)
         if relevance:
-            slope = d.s.mul_(terms.weight).div_(n)
             self.relevance_optimizer.step(
                 [(batch.users, slope @ terms.item_table), (None, slope.T @ terms.user_rows)]
             )
         if exposure:
             self.exposure_optimizer.step(exposure_grads)
-        loss = low_variance_loss(terms.logits, terms.exposure, batch.labels)
-        return (loss * terms.weight).sum() / n
+        return loss
 
     def block_validation_bilevel_step(self, batch: Batch) -> Tensor:
         """UBO's exposure step on a block, the hypergradient in closed form as in
@@ -576,10 +563,8 @@ class ExposureMF(Method):
         assert batch.weight is not None
         val_users, val_items, val_labels = self.validation_batch()
         terms = self.block_terms(batch)
-        d = low_variance_block_derivatives(terms.logits, terms.exposure, batch.labels, True)
-        assert d.sm is not None
         eta, block = self.inner_lr, batch.users.numel()
-        slope = d.s.mul_(terms.weight)
+        slope = fused.mixed_slope(*terms.cells(batch.labels), terms.weight)
         grad_user = slope @ terms.item_table
         grad_item = slope.T @ terms.user_rows
         # Each validation user's row in the block, or the zero row `block` past its end.
@@ -602,9 +587,10 @@ class ExposureMF(Method):
             torch.cat([adjoint_user[:block], terms.user_rows], 1)
             @ torch.cat([terms.item_table, adjoint_item], 1).T
         )
-        c = coupling.mul_(d.sm).mul_(terms.weight).mul_(-eta)
-        coef_e = c * terms.gate * terms.personal_slope
-        coef_gate = c.mul_(terms.personal - terms.theta).mul_(terms.gate_slope)
+        neg_eta = torch.tensor(-eta, dtype=terms.logits.dtype, device=self.device)
+        coef_e, coef_gate = fused.mixed_hyper_coefficients(
+            coupling, *terms.cells(batch.labels), terms.weight, neg_eta
+        )
         self.exposure_optimizer.step(
             self.block_exposure_gradients(terms, coef_e, coef_gate, batch.users)
         )

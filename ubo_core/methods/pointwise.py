@@ -22,7 +22,8 @@ class FixedExposureMF(Method):
 
     loss: Loss
     loss_slope: Loss  # d loss / d logit per pair, in closed form (paper mode's fast step)
-    # (slopes, loss) of a dense block in few passes; None: from `loss_slope` and `loss`.
+    # (slopes, loss) of a dense block in one fused pass (ubo_core/fused.py); None: from
+    # `loss_slope` and `loss`.
     block_slope_loss: BlockSlopeLoss | None = None
     hand_derived = True  # False: both modes through autograd (the reference, for tests)
 
@@ -75,16 +76,17 @@ class FixedExposureMF(Method):
     def block_step(self, batch: Batch) -> dict[str, Tensor]:
         """Dense mode with the gradient in closed form: with S the (B, M) matrix of slopes
         l_s / n over the block's training cells (0 on held-out ones, n of them), the user rows
-        get S W and the item table S^T U. Three GEMMs and a few elementwise passes over the
+        get S W and the item table S^T U. Three GEMMs and one fused elementwise pass over the
         block (`block_slope_loss`), where autograd's chain of the loss's operations took ~80% of
         the time."""
         assert batch.weight is not None
         user_rows = self.user_emb.detach().index_select(0, batch.users)
         item_table = self.item_emb.detach()
-        # 1/n in float64 (a float32 1/n would round; the slopes stay in their own dtype), from
-        # a float32 sum, exact for blocks up to 2^24 cells and a third of the time.
-        scale = 1.0 / batch.weight.sum().double()
+        # 1/n rounded once from float64 to the cells' dtype (what an eager op does with a float64
+        # scalar anyway; a float64 0-dim input to a compiled kernel costs a host read per call),
+        # from a float32 sum, exact for blocks up to 2^24 cells and a third of the time.
         logits = user_rows @ item_table.T
+        scale = (1.0 / batch.weight.sum().double()).to(logits.dtype)
         cls = type(self)
         if cls.block_slope_loss is not None:
             slope, loss = cls.block_slope_loss(

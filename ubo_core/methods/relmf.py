@@ -7,8 +7,9 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
+from ubo_core import fused
 from ubo_core.errors import ConfigError
-from ubo_core.estimators import ips_block, ips_loss, ips_loss_slope
+from ubo_core.estimators import ips_loss, ips_loss_slope
 from ubo_core.methods.base import popularity_exposure
 from ubo_core.methods.pointwise import FixedExposureMF
 
@@ -26,7 +27,7 @@ class RelMF(FixedExposureMF):
     Hyper = RelMFHyper
     loss = staticmethod(ips_loss)
     loss_slope = staticmethod(ips_loss_slope)
-    block_slope_loss = staticmethod(ips_block)
+    block_slope_loss = staticmethod(fused.ips)
 
     def fixed_exposure(self) -> Tensor:
         return popularity_exposure(self.tensors).clamp_min(self.hyper.clip)

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from ubo_core.estimators import low_variance_block, low_variance_loss, low_variance_slope
+from ubo_core import fused
+from ubo_core.estimators import low_variance_loss, low_variance_slope
 from ubo_core.methods.base import popularity_exposure
 from ubo_core.methods.pointwise import FixedExposureMF
 
@@ -13,7 +14,7 @@ from ubo_core.methods.pointwise import FixedExposureMF
 class UMF(FixedExposureMF):
     loss = staticmethod(low_variance_loss)
     loss_slope = staticmethod(low_variance_slope)
-    block_slope_loss = staticmethod(low_variance_block)
+    block_slope_loss = staticmethod(fused.low_variance)
 
     def fixed_exposure(self) -> Tensor:
         # theta_i = 0 for items without a training positive would make log(m p) = -inf on a

@@ -1,0 +1,153 @@
+"""Dense mode's fused elementwise kernels (ubo_core/fused.py): the compiled form of each
+kernel equals its eager form, the path follows `train.elementwise`, "auto" falls back to eager
+with one line when compiling fails, and a warm server's `warm_up` compiles every kernel a
+dense run calls (a run forked after it compiles nothing)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from ubo_core import fused
+from ubo_core.config import TrainConfig
+from ubo_core.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+CPU = torch.device("cpu")
+needs_compiler = pytest.mark.skipif(
+    not fused.compiler_present(CPU), reason="no C++ compiler for torch.compile"
+)
+
+
+@pytest.fixture(autouse=True)
+def restore_path():
+    saved = fused.active()
+    yield
+    fused.configure("compiled" if saved == "compiled" else "eager", CPU)
+
+
+def block_inputs(shape=(7, 11), seed=0):
+    """A float32 block with clamped cells: saturated logits, exposure 1 and a tiny exposure."""
+    gen = torch.Generator().manual_seed(seed)
+    users, items = shape
+    logit = torch.randn(shape, generator=gen) * 4
+    logit[0] = 40.0
+    personal = torch.randn(shape, generator=gen) * 2
+    item = torch.rand(items, generator=gen) * 0.9 + 0.05
+    item[0], item[1] = 1.0, 1e-13
+    label = (torch.rand(shape, generator=gen) < 0.3).float()
+    weight = (torch.rand(shape, generator=gen) < 0.9).float()
+    scale = (1.0 / weight.sum().double()).float()
+    coupling = torch.randn(shape, generator=gen)
+    neg_eta = torch.tensor(-0.05)
+    gate = torch.rand(items, generator=gen)
+    return {
+        "low_variance": (logit, item, label, weight, scale),
+        "ips": (logit, item, label, weight, scale),
+        "mixed_exposure": (logit, personal, gate, item, label, weight, scale, True),
+        "mixed_slope": (logit, personal, gate, item, label, weight),
+        "mixed_hyper_coefficients": (coupling, logit, personal, gate, item, label, weight, neg_eta),
+    }
+
+
+def _as_tuple(out):
+    return out if isinstance(out, tuple) else (out,)
+
+
+@needs_compiler
+@pytest.mark.parametrize("shape", [(7, 11), (3, 64)], ids=["small", "vector_width"])
+def test_compiled_kernels_equal_eager(shape):
+    """Every kernel, compiled, against its eager form (and the cells against the in-place
+    eager forms where those exist), float32, clamped cells included."""
+    inputs = block_inputs(shape)
+    for kernel in fused.dense_kernels():
+        args = inputs[_key(kernel)]
+        fused.configure("eager", CPU)
+        eager = _as_tuple(kernel(*[a.clone() if isinstance(a, torch.Tensor) else a for a in args]))
+        fused.configure("compiled", CPU)
+        compiled = _as_tuple(kernel(*args))
+        assert len(eager) == len(compiled)
+        for mine, expected in zip(compiled, eager, strict=True):
+            assert torch.isfinite(mine).all()
+            torch.testing.assert_close(mine, expected, rtol=2e-5, atol=1e-6)
+
+
+def _key(kernel: fused.FusedKernel) -> str:
+    return next(name for name in vars(fused) if getattr(fused, name) is kernel)
+
+
+def test_path_follows_the_setting(monkeypatch):
+    assert fused.configure("eager", CPU) == "eager"
+    assert fused.configure("compiled", CPU) == "compiled"
+    monkeypatch.setattr(fused.shutil, "which", lambda name: None)
+    assert fused.configure("auto", CPU) == "eager"
+    with pytest.raises(ConfigError, match="elementwise"):
+        TrainConfig(elementwise="fast")
+
+
+def test_auto_falls_back_to_eager_when_compiling_fails(monkeypatch, capsys):
+    """A backend that cannot build (no working compiler): "auto" says so in one line and runs
+    the eager form; "compiled" raises."""
+
+    def broken_compile(fn, **_):
+        def run(*args):
+            raise RuntimeError("C++ compile error: cc1plus not found\nmore")
+
+        return run
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    kernel = fused.FusedKernel(lambda x: x + 1)
+    fused.configure("compiled", CPU)
+    with pytest.raises(RuntimeError, match="cc1plus"):
+        kernel(torch.zeros(2))
+    kernel = fused.FusedKernel(lambda x: x + 1)
+    monkeypatch.setattr(fused.shutil, "which", lambda name: "/usr/bin/g++")
+    fused.configure("auto", CPU)
+    torch.testing.assert_close(kernel(torch.zeros(2)), torch.ones(2))
+    assert fused.active() == "eager"
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "cc1plus not found" in err[0] and "run eager" in err[0]
+
+
+WARM_THEN_TRAIN = """
+import sys, torch
+from torch._dynamo.utils import counters
+from planted import planted_feedback
+from ubo_core import fused
+from ubo_core.config import TrainConfig
+from ubo_core.methods import METHODS
+from ubo_core.trainer import fit
+assert fused.warm_up()
+compiled = counters["stats"]["unique_graphs"]
+assert compiled >= 6, compiled
+data, _, _ = planted_feedback(n_users=40, n_items=601, n_test_items=4, seed=1)
+train = TrainConfig(mode="dense", epochs=2, dim=4, block_users=16, elementwise="compiled")
+for name in sys.argv[1:]:
+    hyper = getattr(METHODS[name], "Hyper", None)
+    fit(name, data, train, hyper() if hyper else None, seed=0, progress=False)
+print("graphs", compiled, counters["stats"]["unique_graphs"])
+assert counters["stats"]["unique_graphs"] == compiled, dict(counters["stats"])
+"""
+
+
+@needs_compiler
+def test_warm_up_compiles_what_dense_runs_call():
+    """After `warm_up` (what flows/warm.py's server runs before forking), dense runs of every
+    method with a fused kernel compile no further graph, at block sizes other than warm-up's
+    (16 and 8 users x 601 items: blocks of fewer than 4,096 cells would compile once more)."""
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}"}
+    methods = ["umf", "relmf", "ubo", "jointopt", "alteropt", "biopt2", "noopt"]
+    done = subprocess.run(
+        [sys.executable, "-c", WARM_THEN_TRAIN, *methods],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
