@@ -5,8 +5,9 @@
         [--methods umf,relmf,bpr,ubo,jointopt,alteropt,noopt] [--seeds 0 1 2 3 4]
         [--mode dense] [--data data/processed] [--out docs/engine_equivalence.json]
 
-Trains every (method, seed) with the study's settings (params.yaml of this checkout, the
-tuned values) twice, once with each checkout's ubo_core, on the processed set in `--data`
+Trains every (method, seed) with the study's settings (the tuned values) twice, once with
+each checkout's ubo_core and params.yaml (their tuned values must agree; a key the change
+adds is the change's own), on the processed set in `--data`
 (a fresh worktree has none of its own), one thread, and prints test DCG@3 per
 method: mean and standard deviation over the seeds for both, and the largest change of a
 single seed. An engine change that only reorders floating-point operations moves single
@@ -45,7 +46,7 @@ for job in sys.argv[5:]:
 def run(checkout: Path, args: argparse.Namespace) -> dict[tuple[str, int], float]:
     jobs = [f"{m}:{s}" for m in args.methods.split(",") for s in args.seeds]
     env = os.environ | {"PYTHONPATH": str(checkout)}
-    command = [sys.executable, "-c", CHILD, args.dataset, args.mode, str(REPO / "params.yaml")]
+    command = [sys.executable, "-c", CHILD, args.dataset, args.mode, str(checkout / "params.yaml")]
     command += [str(args.data), *jobs]
     out = subprocess.run(command, env=env, cwd=checkout, capture_output=True, text=True)
     if out.returncode != 0:
