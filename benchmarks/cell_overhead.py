@@ -2,6 +2,7 @@
 
     python benchmarks/cell_overhead.py imports
     python benchmarks/cell_overhead.py timeline --parent <flow run id> [--api <PREFECT_API_URL>]
+    python benchmarks/cell_overhead.py load [--seconds 300]      # while a study runs here
 
 `imports`: a fresh Python process per line, timing the start of the interpreter and each
 import a child flow run's process makes before its flow starts (best of 3, so the disk cache
@@ -12,6 +13,12 @@ is warm as it is for a worker's second run).
 starting in its new process (RUNNING: process start, imports, loading the flow), and the run
 itself (RUNNING to COMPLETED: training, evaluation, MLflow logging), from Prefect's state
 history; then the means and what share of a worker's busy time the run itself was.
+
+`load`: what the orchestration itself costs in CPU while a study runs on this machine: over
+`--seconds`, the CPU time of the Prefect server, the workers, their warm servers, the parent
+flow run and everything else (the runs: training, evaluation, MLflow logging), from /proc,
+in cores. The long-lived processes are read at both ends of the window; the runs come and
+go, so they are the machine's busy time less the rest.
 """
 
 from __future__ import annotations
@@ -80,13 +87,88 @@ def timeline(parent: str) -> None:
     )
 
 
+# Long-lived processes of a local study, by their command line (flows/local.py starts them).
+ROLES = {
+    "Prefect server": "prefect server start",
+    "workers (prefect worker)": "prefect worker start",
+    "warm servers": "flows.warm serve",
+    # Alive at both ends of a window: the parent flow run, which polls its children.
+    "the parent flow run": "-m prefect.engine",
+}
+
+
+def _cpu_ticks(pid: int) -> int | None:
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return int(fields[11]) + int(fields[12])  # utime + stime (fields 14 and 15)
+
+
+def _processes() -> dict[int, str]:
+    """pid -> role of the study's long-lived processes. A warm server's forked runs carry its
+    command line: a warm server is one whose parent is a worker."""
+    found: dict[int, tuple[str, int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            args = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError):
+            continue
+        for role, pattern in ROLES.items():
+            if pattern in args:
+                found[int(entry.name)] = (role, parent)
+    workers = {pid for pid, (role, _) in found.items() if role.startswith("workers")}
+    return {
+        pid: role
+        for pid, (role, parent) in found.items()
+        if role != "warm servers" or parent in workers
+    }
+
+
+def _busy_ticks() -> int:
+    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n")[0].split()[1:]]
+    return sum(fields) - fields[3] - fields[4]  # all but idle and iowait
+
+
+def load(seconds: float) -> None:
+    import os
+
+    processes = _processes()
+    if not any(role == "Prefect server" for role in processes.values()):
+        raise SystemExit("load: no Prefect server on this machine (start a study first)")
+    start = {pid: _cpu_ticks(pid) for pid in processes}
+    busy, started = _busy_ticks(), time.monotonic()
+    time.sleep(seconds)
+    end = {pid: _cpu_ticks(pid) for pid in processes}
+    busy, elapsed = _busy_ticks() - busy, time.monotonic() - started
+    hz = os.sysconf("SC_CLK_TCK")
+    per_role: dict[str, float] = {}
+    for pid, role in processes.items():
+        if start[pid] is not None and end[pid] is not None:
+            per_role[role] = per_role.get(role, 0.0) + (end[pid] - start[pid]) / hz / elapsed
+    cores = os.cpu_count() or 1
+    print(f"over {elapsed:.0f} s on {cores} cores: machine busy {busy / hz / elapsed:.2f} cores")
+    print("| process | cores used |")
+    print("|---|---:|")
+    for role in ROLES:
+        print(f"| {role} | {per_role.get(role, 0.0):.3f} |")
+    rest = busy / hz / elapsed - sum(per_role.values())
+    print(f"| the rest (the runs, this sampler) | {rest:.3f} |")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("what", choices=["imports", "timeline"])
+    parser.add_argument("what", choices=["imports", "timeline", "load"])
     parser.add_argument("--parent", help="the parent flow run id (timeline)")
+    parser.add_argument("--seconds", type=float, default=300.0, help="the window (load)")
     args = parser.parse_args()
     if args.what == "imports":
         imports()
+    elif args.what == "load":
+        load(args.seconds)
     else:
         if not args.parent:
             parser.error("timeline needs --parent")
