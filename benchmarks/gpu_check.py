@@ -29,6 +29,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from ubo_core import fused  # noqa: E402
 from ubo_core.config import Params  # noqa: E402
 from ubo_core.data import FeedbackData  # noqa: E402
 from ubo_core.engine import Batch, TrainingTensors  # noqa: E402
@@ -187,7 +188,9 @@ def main() -> int:
             row = dense_epoch(tensors, name)
         except Exception as error:
             row = {"error": f"{type(error).__name__}: {error}"[:300]}
-        row |= {"method": name, "mode": "dense", "kind": "eager"}
+        # Dense mode's elementwise passes as the study runs them (`elementwise: auto`: Triton
+        # kernels where Triton is installed, compiled in the warm-up steps; else eager).
+        row |= {"method": name, "mode": "dense", "kind": f"elementwise {fused.active()}"}
         results["rows"].append(row)
         print(json.dumps(row), flush=True)
     if args.out:
