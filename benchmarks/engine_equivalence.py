@@ -10,8 +10,10 @@ each checkout's ubo_core and params.yaml (their tuned values must agree; a key t
 adds is the change's own), on the processed set in `--data`
 (a fresh worktree has none of its own), one thread, and prints test DCG@3 per
 method: mean and standard deviation over the seeds for both, and the largest change of a
-single seed. An engine change that only reorders floating-point operations moves single
-seeds by far less than the seeds differ from each other.
+single seed, and the largest relative change of the trained parameters' sum (a ranking
+metric may not move at all where the parameters do) and which elementwise path each ran. An
+engine change that only reorders floating-point operations moves single seeds by far less
+than the seeds differ from each other.
 """
 
 from __future__ import annotations
@@ -39,11 +41,20 @@ for job in sys.argv[5:]:
     method, seed = job.split(":")
     train, hyper = resolve_config(params, dataset, method, {"mode": mode, "threads": 1})
     result = fit(method, data, train, hyper, int(seed), progress=False)
-    print(json.dumps({"method": method, "seed": int(seed), **result.test_metrics}), flush=True)
+    try:  # which elementwise path dense mode took (checkouts from before ubo_core/fused.py: eager)
+        from ubo_core import fused
+        path = fused.active()
+    except ImportError:
+        path = "eager (before fused)"
+    # The trained parameters, summed: a reordering of float operations moves this in its last
+    # digits where DCG@3 (a ranking) may not move at all.
+    checksum = sum(float(t.double().abs().sum()) for t in result.method.state().values())
+    record = {"method": method, "seed": int(seed), "path": path, "checksum": checksum}
+    print(json.dumps(record | result.test_metrics), flush=True)
 """
 
 
-def run(checkout: Path, args: argparse.Namespace) -> dict[tuple[str, int], float]:
+def run(checkout: Path, args: argparse.Namespace) -> dict[tuple[str, int], dict]:
     jobs = [f"{m}:{s}" for m in args.methods.split(",") for s in args.seeds]
     env = os.environ | {"PYTHONPATH": str(checkout)}
     command = [sys.executable, "-c", CHILD, args.dataset, args.mode, str(checkout / "params.yaml")]
@@ -52,7 +63,7 @@ def run(checkout: Path, args: argparse.Namespace) -> dict[tuple[str, int], float
     if out.returncode != 0:
         raise SystemExit(f"{checkout}: {out.stderr.strip().splitlines()[-1]}")
     rows = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
-    return {(row["method"], row["seed"]): row["dcg@3"] for row in rows}
+    return {(row["method"], row["seed"]): row for row in rows}
 
 
 def main() -> int:
@@ -67,18 +78,29 @@ def main() -> int:
     args = parser.parse_args()
     before, after = run(args.before.resolve(), args), run(REPO, args)
     print(f"test DCG@3 on {args.dataset}, {args.mode} mode, seeds {args.seeds}")
-    print("| method | before: mean +- std | after: mean +- std | largest change of one seed |")
-    print("|---|---:|---:|---:|")
+    print(
+        "| method | before: mean +- std | after: mean +- std | largest change of one seed | "
+        "largest relative change of the parameters' sum | paths (before / after) |"
+    )
+    print("|---|---:|---:|---:|---:|---|")
     record = []
     for method in args.methods.split(","):
-        old = [before[method, s] for s in args.seeds]
-        new = [after[method, s] for s in args.seeds]
+        old_rows = [before[method, s] for s in args.seeds]
+        new_rows = [after[method, s] for s in args.seeds]
+        old = [row["dcg@3"] for row in old_rows]
+        new = [row["dcg@3"] for row in new_rows]
         change = max(abs(a - b) for a, b in zip(old, new, strict=True))
+        drift = max(
+            abs(a["checksum"] - b["checksum"]) / abs(a["checksum"])
+            for a, b in zip(old_rows, new_rows, strict=True)
+        )
+        paths = f"{old_rows[0]['path']} / {new_rows[0]['path']}"
         print(
             f"| {method} | {statistics.mean(old):.4f} +- {statistics.stdev(old):.4f} | "
-            f"{statistics.mean(new):.4f} +- {statistics.stdev(new):.4f} | {change:.4f} |"
+            f"{statistics.mean(new):.4f} +- {statistics.stdev(new):.4f} | {change:.4f} | "
+            f"{drift:.1e} | {paths} |"
         )
-        record.append({"method": method, "before": old, "after": new})
+        record.append({"method": method, "before": old_rows, "after": new_rows, "paths": paths})
     if args.out:
         Path(args.out).write_text(
             json.dumps({"dataset": args.dataset, "mode": args.mode, "rows": record}, indent=2)

@@ -146,6 +146,14 @@ def _project_files() -> dict[str, int]:
     return files
 
 
+def _native_threads() -> int:
+    """This process's threads as the kernel counts them (Python's and native ones)."""
+    try:
+        return len(os.listdir("/proc/self/task"))
+    except OSError:
+        return 1
+
+
 def _changed(files: dict[str, int]) -> str | None:
     for path, mtime in files.items():
         try:
@@ -248,13 +256,26 @@ class WarmServer:
         # Dense mode's fused kernels, compiled once here instead of ~3 s each in every run.
         from ubo_core import fused
 
-        kernels = "dense kernels compiled" if fused.warm_up() else "no compiler: eager kernels"
+        native_before = _native_threads()
+        try:
+            compiled = fused.warm_up()
+            kernels = "dense kernels compiled" if compiled else "no compiler: eager kernels"
+        except Exception as error:  # a compiler that fails: runs compile (or fall back) alone
+            kernels = f"dense kernels not compiled ({type(error).__name__})"
         self.files = _project_files()
         gc.collect()
         gc.freeze()  # the children share these pages instead of copying them on first GC
         extra = [t.name for t in threading.enumerate() if t is not threading.main_thread()]
         if extra:  # a fork copies no other thread: a lock one held would stay held
             raise SystemExit(f"flows.warm: threads started during preload: {extra}")
+        # Native threads too: an OpenMP pool started by the kernels' warm-up would hang each
+        # child's first parallel region (ubo_core/fused.py). The imports' own (torch's, an
+        # allocator's) were there before it.
+        if (native := _native_threads()) > native_before:
+            raise SystemExit(
+                f"flows.warm: {native - native_before} native thread(s) started while "
+                "compiling the dense kernels"
+            )
         print(
             f"flows.warm: serving {self.name} ({loaded} modules preloaded, {kernels}, in "
             f"{time.perf_counter() - started:.1f} s)",

@@ -26,9 +26,9 @@ needs_compiler = pytest.mark.skipif(
 
 @pytest.fixture(autouse=True)
 def restore_path():
-    saved = fused.active()
+    saved = (fused._PATH.setting, fused._PATH.compiled)
     yield
-    fused.configure("compiled" if saved == "compiled" else "eager", CPU)
+    fused._PATH.setting, fused._PATH.compiled = saved
 
 
 def block_inputs(shape=(7, 11), seed=0):
@@ -37,10 +37,12 @@ def block_inputs(shape=(7, 11), seed=0):
     users, items = shape
     logit = torch.randn(shape, generator=gen) * 4
     logit[0] = 40.0
+    logit[1, 1] = -100.0  # with exposure 1e-13 and a positive label: m p below 1e-42
     personal = torch.randn(shape, generator=gen) * 2
     item = torch.rand(items, generator=gen) * 0.9 + 0.05
     item[0], item[1] = 1.0, 1e-13
     label = (torch.rand(shape, generator=gen) < 0.3).float()
+    label[1, 1] = 1.0
     weight = (torch.rand(shape, generator=gen) < 0.9).float()
     scale = (1.0 / weight.sum().double()).float()
     coupling = torch.randn(shape, generator=gen)
@@ -50,6 +52,7 @@ def block_inputs(shape=(7, 11), seed=0):
         "low_variance": (logit, item, label, weight, scale),
         "ips": (logit, item, label, weight, scale),
         "mixed_exposure": (logit, personal, gate, item, label, weight, scale, True),
+        "mixed_exposure_relevance": (logit, personal, gate, item, label, weight, scale, False),
         "mixed_slope": (logit, personal, gate, item, label, weight),
         "mixed_hyper_coefficients": (coupling, logit, personal, gate, item, label, weight, neg_eta),
     }
@@ -65,8 +68,9 @@ def test_compiled_kernels_equal_eager(shape):
     """Every kernel, compiled, against its eager form (and the cells against the in-place
     eager forms where those exist), float32, clamped cells included."""
     inputs = block_inputs(shape)
-    for kernel in fused.dense_kernels():
-        args = inputs[_key(kernel)]
+    calls = [(kernel, inputs[_key(kernel)]) for kernel in fused.dense_kernels()]
+    calls.append((fused.mixed_exposure, inputs["mixed_exposure_relevance"]))
+    for kernel, args in calls:
         fused.configure("eager", CPU)
         eager = _as_tuple(kernel(*[a.clone() if isinstance(a, torch.Tensor) else a for a in args]))
         fused.configure("compiled", CPU)
@@ -115,31 +119,47 @@ def test_auto_falls_back_to_eager_when_compiling_fails(monkeypatch, capsys):
 
 
 WARM_THEN_TRAIN = """
-import sys, torch
+import os, sys, time, traceback, torch
 from torch._dynamo.utils import counters
 from planted import planted_feedback
 from ubo_core import fused
 from ubo_core.config import TrainConfig
 from ubo_core.methods import METHODS
 from ubo_core.trainer import fit
+torch.set_num_threads(2)  # a server's threads; an OpenMP pool started here would hang the child
 assert fused.warm_up()
 compiled = counters["stats"]["unique_graphs"]
 assert compiled >= 6, compiled
-data, _, _ = planted_feedback(n_users=40, n_items=601, n_test_items=4, seed=1)
-train = TrainConfig(mode="dense", epochs=2, dim=4, block_users=16, elementwise="compiled")
-for name in sys.argv[1:]:
-    hyper = getattr(METHODS[name], "Hyper", None)
-    fit(name, data, train, hyper() if hyper else None, seed=0, progress=False)
-print("graphs", compiled, counters["stats"]["unique_graphs"])
-assert counters["stats"]["unique_graphs"] == compiled, dict(counters["stats"])
+pid = os.fork()
+if pid == 0:  # a run forked from the server, as flows/warm.py forks them
+    try:
+        data, _, _ = planted_feedback(n_users=40, n_items=601, n_test_items=4, seed=1)
+        train = TrainConfig(mode="dense", epochs=2, dim=4, block_users=16, elementwise="compiled")
+        for name in sys.argv[1:]:
+            hyper = getattr(METHODS[name], "Hyper", None)
+            fit(name, data, train, hyper() if hyper else None, seed=0, progress=False)
+        assert counters["stats"]["unique_graphs"] == compiled, dict(counters["stats"])
+        os._exit(0)
+    except BaseException:
+        traceback.print_exc()
+        os._exit(1)
+deadline = time.monotonic() + 300
+while not (done := os.waitpid(pid, os.WNOHANG))[0]:
+    if time.monotonic() > deadline:
+        os.kill(pid, 9)
+        sys.exit("the forked run hung")
+    time.sleep(0.2)
+sys.exit(os.waitstatus_to_exitcode(done[1]))
 """
 
 
 @needs_compiler
 def test_warm_up_compiles_what_dense_runs_call():
     """After `warm_up` (what flows/warm.py's server runs before forking), dense runs of every
-    method with a fused kernel compile no further graph, at block sizes other than warm-up's
-    (16 and 8 users x 601 items: blocks of fewer than 4,096 cells would compile once more)."""
+    method with a fused kernel, in a process forked from it on two threads, finish (no
+    OpenMP pool inherited in a broken state) and compile no further graph, at block sizes
+    other than warm-up's (16 and 8 users x 601 items: blocks of fewer than 4,096 cells would
+    compile once more)."""
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}"}
     methods = ["umf", "relmf", "ubo", "jointopt", "alteropt", "biopt2", "noopt"]
     done = subprocess.run(

@@ -105,36 +105,46 @@ def test_dense_block_forms_equal_the_general_ones(saturated):
         exposure[100:150] = 1e-13
     weight = (torch.arange(400) % 7 != 0).double()  # some held-out cells
     scale = 1.0 / weight.sum()
-    general = low_variance_derivatives(logit, exposure, label, second_order=True)
-    # The mixed-exposure kernels take m = r q + (1 - r) theta: r = 0, theta = m gives m exactly
-    # (clamped cells included); r = 1, q = m checks the exposure coefficients r q'.
-    ones, zeros = torch.ones_like(exposure), torch.zeros_like(exposure)
-    through_theta = torch.zeros_like(logit), zeros, exposure, label
-    slope, loss = mixed_exposure_cells(logit, *through_theta, weight, scale, False)
-    torch.testing.assert_close(slope, general.s * weight * scale, rtol=1e-12, atol=1e-15)
-    slope = mixed_exposure_slope(logit, *through_theta, weight)
-    torch.testing.assert_close(slope, general.s * weight, rtol=1e-12, atol=1e-15)
-    if not saturated:  # exposure 1 and 1e-13 do not survive logit and sigmoid
-        expected = (low_variance_loss(logit, exposure, label) * weight).sum() * scale
+    # The mixed-exposure kernels form m = r q + (1 - r) theta themselves: a generic gate, and
+    # the general partials at m as they compute it.
+    gen = torch.Generator().manual_seed(1)
+    personal_logit = torch.randn(400, generator=gen, dtype=torch.float64) * 3
+    gate = torch.rand(400, generator=gen, dtype=torch.float64)
+    theta = torch.rand(400, generator=gen, dtype=torch.float64)
+    if saturated:  # m = 1 (1 - m p at its floor where p = 1) and m below the exposure floor
+        personal_logit[:50], theta[:50] = 50.0, 1.0
+        personal_logit[100:150], theta[100:150] = -50.0, 1e-13
+    q = torch.sigmoid(personal_logit)
+    m = gate * q + (1.0 - gate) * theta
+    if saturated:
+        assert bool((m < 1e-12).any()) and bool((1.0 - m * torch.sigmoid(logit) < 1e-7).any())
+    at_m = low_variance_derivatives(logit, m, label, second_order=True)
+    mixed = personal_logit, gate, theta, label
+    close = {"rtol": 1e-12, "atol": 1e-15}
+    slope, loss, coef_e, coef_gate = mixed_exposure_cells(logit, *mixed, weight, scale, True)
+    torch.testing.assert_close(slope, at_m.s * weight * scale, **close)
+    loss_m = at_m.m * weight * scale
+    torch.testing.assert_close(coef_e, loss_m * gate * q * (1 - q), **close)
+    torch.testing.assert_close(coef_gate, loss_m * (q - theta) * gate * (1 - gate), **close)
+    torch.testing.assert_close(
+        mixed_exposure_slope(logit, *mixed, weight), at_m.s * weight, **close
+    )
+    coupling = torch.randn(400, generator=gen, dtype=torch.float64)
+    neg_eta = torch.tensor(-0.3, dtype=torch.float64)
+    hyper_e, hyper_gate = mixed_exposure_hyper_coefficients(
+        coupling, logit, *mixed, weight, neg_eta
+    )
+    c = -0.3 * coupling * at_m.sm * weight
+    torch.testing.assert_close(hyper_e, c * gate * q * (1 - q), **close)
+    torch.testing.assert_close(hyper_gate, c * (q - theta) * gate * (1 - gate), **close)
+    if not saturated:  # the loss reads log(m p): equal while m p is a normal number
+        expected = (low_variance_loss(logit, m, label) * weight).sum() * scale
         torch.testing.assert_close(loss, expected, rtol=1e-12, atol=0)
-        personal_logit = torch.logit(exposure)
-        q = torch.sigmoid(personal_logit)
-        through_q = personal_logit, ones, zeros, label
-        _, _, coef_e, coef_gate = mixed_exposure_cells(logit, *through_q, weight, scale, True)
-        expected = general.m * weight * scale * q * (1 - q)
-        torch.testing.assert_close(coef_e, expected, rtol=1e-9, atol=1e-15)
-        torch.testing.assert_close(coef_gate, zeros)  # r' = 0 at r = 1
-        coupling, neg_eta = (
-            torch.randn(400, dtype=torch.float64),
-            torch.tensor(-0.3, dtype=torch.float64),
-        )
-        coef_e, _ = mixed_exposure_hyper_coefficients(coupling, logit, *through_q, weight, neg_eta)
-        expected = -0.3 * coupling * general.sm * weight * q * (1 - q)
-        torch.testing.assert_close(coef_e, expected, rtol=1e-9, atol=1e-15)
-        for form in (low_variance_block, low_variance_cells):
-            slope, loss = form(logit.clone(), exposure, label, weight, scale)
-            expected = low_variance_slope(logit, exposure, label) * weight * scale
-            torch.testing.assert_close(slope, expected)
+    for form in (low_variance_block, low_variance_cells):
+        slope, loss = form(logit.clone(), exposure, label, weight, scale)
+        expected = low_variance_slope(logit, exposure, label) * weight * scale
+        torch.testing.assert_close(slope, expected)
+        if not saturated:
             expected = (low_variance_loss(logit, exposure, label) * weight).sum() * scale
             torch.testing.assert_close(loss, expected, rtol=1e-12, atol=0)
     for form in (ips_block, ips_cells):
