@@ -146,6 +146,27 @@ def _project_files() -> dict[str, int]:
     return files
 
 
+def compile_dense_kernels() -> str:
+    """Compile dense mode's kernels (ubo_core/fused.py) for the thread counts a run forked
+    from here will have: torch.compile guards on the thread count, so a run with another one
+    compiles again (~3 s a kernel). Runs keep the server's count unless their config sets
+    `threads`; the study sets 1 (a cell per core). Measured: without the 1, every dense cell
+    of the study compiled its kernels again, 1-2 s of a Coat cell."""
+    import torch
+
+    from ubo_core import fused
+
+    default = torch.get_num_threads()
+    try:
+        for threads in sorted({1, default}):
+            torch.set_num_threads(threads)  # sets the count; starts no thread
+            if not fused.warm_up():
+                return "no compiler: eager kernels"
+    finally:
+        torch.set_num_threads(default)
+    return f"dense kernels compiled for {' and '.join(map(str, sorted({1, default})))} thread(s)"
+
+
 def _native_threads() -> int:
     """This process's threads as the kernel counts them (Python's and native ones)."""
     try:
@@ -254,12 +275,9 @@ class WarmServer:
             except ImportError:
                 pass
         # Dense mode's fused kernels, compiled once here instead of ~3 s each in every run.
-        from ubo_core import fused
-
         native_before = _native_threads()
         try:
-            compiled = fused.warm_up()
-            kernels = "dense kernels compiled" if compiled else "no compiler: eager kernels"
+            kernels = compile_dense_kernels()
         except Exception as error:  # a compiler that fails: runs compile (or fall back) alone
             kernels = f"dense kernels not compiled ({type(error).__name__})"
         self.files = _project_files()

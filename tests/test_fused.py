@@ -126,18 +126,23 @@ from ubo_core import fused
 from ubo_core.config import TrainConfig
 from ubo_core.methods import METHODS
 from ubo_core.trainer import fit
+from flows.warm import compile_dense_kernels
 torch.set_num_threads(2)  # a server's threads; an OpenMP pool started here would hang the child
-assert fused.warm_up()
+assert "compiled for 1 and 2" in compile_dense_kernels()
 compiled = counters["stats"]["unique_graphs"]
 assert compiled >= 6, compiled
 pid = os.fork()
 if pid == 0:  # a run forked from the server, as flows/warm.py forks them
     try:
         data, _, _ = planted_feedback(n_users=40, n_items=601, n_test_items=4, seed=1)
-        train = TrainConfig(mode="dense", epochs=2, dim=4, block_users=16, elementwise="compiled")
-        for name in sys.argv[1:]:
-            hyper = getattr(METHODS[name], "Hyper", None)
-            fit(name, data, train, hyper() if hyper else None, seed=0, progress=False)
+        for threads in (1, 0):  # the study's one thread a cell, and the server's count
+            train = TrainConfig(
+                mode="dense", epochs=2, dim=4, block_users=16, elementwise="compiled",
+                threads=threads,
+            )
+            for name in sys.argv[1:]:
+                hyper = getattr(METHODS[name], "Hyper", None)
+                fit(name, data, train, hyper() if hyper else None, seed=0, progress=False)
         assert counters["stats"]["unique_graphs"] == compiled, dict(counters["stats"])
         os._exit(0)
     except BaseException:
@@ -155,9 +160,10 @@ sys.exit(os.waitstatus_to_exitcode(done[1]))
 
 @needs_compiler
 def test_warm_up_compiles_what_dense_runs_call():
-    """After `warm_up` (what flows/warm.py's server runs before forking), dense runs of every
-    method with a fused kernel, in a process forked from it on two threads, finish (no
-    OpenMP pool inherited in a broken state) and compile no further graph, at block sizes
+    """After a warm server's compile (flows/warm.py, `compile_dense_kernels`), dense runs of
+    every method with a fused kernel, in a process forked from it, on one thread (the study's)
+    and on the server's two, finish (no OpenMP pool inherited in a broken state) and compile
+    no further graph, at block sizes
     other than warm-up's (16 and 8 users x 601 items: blocks of fewer than 4,096 cells would
     compile once more)."""
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}"}
