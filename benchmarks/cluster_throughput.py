@@ -1,6 +1,7 @@
 """Study throughput on the several-machines setup (flows.cluster: PostgreSQL, Prefect and
 MLflow servers, worker hosts), for docs/SCALING.md.
 
+    pip install -e '.[cluster]'       # PostgreSQL's driver for the MLflow server
     python benchmarks/cluster_throughput.py [--workers 1 2 4] [--out docs/scaling.json]
 
 Two measurements, in one run on this machine:
@@ -150,6 +151,13 @@ def main() -> int:
     parser.add_argument("--replay-seconds", type=float, default=60.0)
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "scaling.json")
     args = parser.parse_args()
+    import importlib.util
+
+    if importlib.util.find_spec("psycopg2") is None:  # else MLflow's server dies at start
+        raise SystemExit(
+            "cluster_throughput: the MLflow server needs PostgreSQL's driver: "
+            "pip install -e '.[cluster]' (docs/SCALING.md)"
+        )
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     root = Path(tempfile.mkdtemp(prefix="ubo-scaling-"))
