@@ -23,16 +23,17 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from flows.run_identity import PARENT_TAG, TAG_CODE  # noqa: E402
+from flows.store import search  # noqa: E402
 
 
 def cell_times(client, code: str) -> dict[tuple[str, str], list[tuple[float, float]]]:
-    experiments = [e.experiment_id for e in client.search_experiments()]
     times: dict[tuple[str, str], list[tuple[float, float]]] = defaultdict(list)
-    runs = client.search_runs(
-        experiments,
-        f"tags.`{TAG_CODE}` = '{code}' and attributes.status = 'FINISHED'",
-        max_results=5000,
-    )
+    query = f"tags.`{TAG_CODE}` = '{code}' and attributes.status = 'FINISHED'"
+    runs = [
+        run
+        for experiment in client.search_experiments()
+        for run in search(experiment.experiment_id, query)
+    ]
     for run in runs:
         if run.data.tags.get(PARENT_TAG) is None or "train_seconds" not in run.data.metrics:
             continue  # a parent run, or a run without timings
@@ -48,9 +49,10 @@ def main() -> int:
     parser.add_argument("--tracking-uri", default=f"sqlite:///{REPO / 'mlflow.db'}")
     parser.add_argument("--datasets", default="yahoo,coat,ml100k,amazon_cds")
     args = parser.parse_args()
-    from mlflow import MlflowClient
+    import mlflow
 
-    client = MlflowClient(args.tracking_uri)
+    mlflow.set_tracking_uri(args.tracking_uri)  # flows.store.search's client reads it
+    client = mlflow.MlflowClient()
     before, after = cell_times(client, args.before), cell_times(client, args.after)
     if not before or not after:
         missing = args.before if not before else args.after
