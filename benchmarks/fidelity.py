@@ -49,7 +49,7 @@ from ubo_core.data import FeedbackData  # noqa: E402
 from ubo_core.datasets.validation import build_validation_sets  # noqa: E402
 from ubo_core.errors import UboError  # noqa: E402
 from ubo_core.methods import get_method, resolve_config  # noqa: E402
-from ubo_core.trainer import fit  # noqa: E402
+from ubo_core.trainer import EpochReport, fit  # noqa: E402
 from ubo_core.tuning import untuned  # noqa: E402
 
 RUNS = REPO / "docs" / "fidelity" / "runs.jsonl"
@@ -324,8 +324,11 @@ def load_runs(path: Path = RUNS) -> dict[str, dict[str, Any]]:
     return runs
 
 
-def train_one(key: dict[str, Any], data_dirs: tuple[str, str]) -> dict[str, Any]:
-    """One run, in a worker process, from its fully resolved key."""
+def train_one(
+    key: dict[str, Any], data_dirs: tuple[str, str], label: str | None = None
+) -> dict[str, Any]:
+    """One run, in a worker process, from its fully resolved key; with `label`, a line per
+    evaluated epoch says how far it is (the paper-mode rows' runs take hours)."""
     interim_dir, processed_dir = (REPO / d for d in data_dirs)
     dataset = key["dataset"]
     if key["validation"] is not None:
@@ -333,17 +336,38 @@ def train_one(key: dict[str, Any], data_dirs: tuple[str, str]) -> dict[str, Any]
         data = build_validation_sets(interim, ValidationConfig(**key["validation"]))
     else:
         data = FeedbackData.load(processed_dir / dataset / "dataset.npz")
-    return train_record(key, data)
+    return train_record(key, data, label)
 
 
-def train_record(key: dict[str, Any], data: FeedbackData) -> dict[str, Any]:
+def train_record(
+    key: dict[str, Any], data: FeedbackData, label: str | None = None
+) -> dict[str, Any]:
     """Train the resolved `key` on `data` with the test metrics tracked; its record: the
     per-epoch hyper-validation objective, validation loss, PCC (NaN on real sets) and test
     DCG@3. benchmarks/power_sweep.py records its runs the same way."""
     train = TrainConfig(**key["train"])
     hyper = get_method(key["method"]).Hyper(**key["hyper"])
     started = time.perf_counter()
-    result = fit(key["method"], data, train, hyper, key["seed"], progress=False, track_test=True)
+
+    def report_progress(report: EpochReport) -> None:
+        minutes = (time.perf_counter() - started) / 60
+        left = minutes / report.epoch * (train.epochs - report.epoch)
+        print(
+            f"  {label}: epoch {report.epoch}/{train.epochs}, hyper "
+            f"{report.metrics['hyper_snips_dcg@3']:.4f}, {minutes:.0f} min, ~{left:.0f} min left",
+            flush=True,
+        )
+
+    result = fit(
+        key["method"],
+        data,
+        train,
+        hyper,
+        key["seed"],
+        callback=report_progress if label else None,
+        progress=False,
+        track_test=True,
+    )
     curve = [
         {
             "epoch": report.epoch,
@@ -401,9 +425,18 @@ def run(
     todo.sort(key=lambda job: (job[0]["dataset"] != "yahoo", job[0]["seed"]))
     print(f"{len(todo)} runs to do at {version} ({len(wanted) - len(todo)} recorded)", flush=True)
     RUNS.parent.mkdir(parents=True, exist_ok=True)
+    hours_long = {row.name for row in rows if row.hours}  # their runs report every epoch
     started = time.perf_counter()
     with ProcessPoolExecutor(jobs) as pool, RUNS.open("a") as out:
-        futures = {pool.submit(train_one, key, data_dirs): (key, label) for key, label in todo}
+        futures = {
+            pool.submit(
+                train_one,
+                key,
+                data_dirs,
+                describe(key, label) if label.partition(":")[0] in hours_long else None,
+            ): (key, label)
+            for key, label in todo
+        }
         for count, future in enumerate(as_completed(futures), 1):
             try:
                 record = future.result()
