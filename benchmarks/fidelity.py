@@ -20,14 +20,17 @@ the hyper-validation objective (best SNIPS DCG@3 over epochs, what tuning maximi
 test DCG@3 at that epoch: the epoch is chosen on hyper-validation, the test set is read only
 to report (a variant with `select="last"` reports the last epoch instead, the paper's fixed
 budget). Runs are appended to `docs/fidelity/runs.jsonl` as they finish, keyed by the code
-version and the resolved configuration, so a stopped run resumes, a re-tuned params.yaml never
-reuses a stale run, and rows that share a variant (every row's default) train it once.
+version and the resolved configuration, so a stopped `run` trains only what is missing, a re-tuned
+params.yaml never reuses a stale run, and rows that share a variant (every row's default) train it
+once. A run in flight saves its state to .cache/fidelity/ at most once a minute and resumes from
+there (the paper-mode rows' runs take two hours; a session may end before they do).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import math
 import sys
@@ -59,6 +62,9 @@ RUNS = REPO / "docs" / "fidelity" / "runs.jsonl"
 BASE_PARAMS = REPO / "docs" / "fidelity" / "base_params.yaml"
 FIDELITY_MD = REPO / "docs" / "FIDELITY.md"
 TABLE_START, TABLE_END = "<!-- fidelity-table:start -->", "<!-- fidelity-table:end -->"
+# Runs save their state here at most once a minute (`fit(checkpoint=...)`): a stopped `run`
+# resumes each unfinished run from its last checkpoint instead of its first epoch.
+CHECKPOINTS = REPO / ".cache" / "fidelity"
 CAP_EPOCHS = {"coat": 100, "yahoo": 50}  # Yahoo's tuned UBO peaks at epoch 28
 
 
@@ -331,16 +337,25 @@ def train_one(
     evaluated epoch says how far it is (the paper-mode rows' runs take hours)."""
     interim_dir, processed_dir = (REPO / d for d in data_dirs)
     dataset = key["dataset"]
+    CHECKPOINTS.mkdir(parents=True, exist_ok=True)
     if key["validation"] is not None:
         interim = FeedbackData.load(interim_dir / dataset / "dataset.npz")
         data = build_validation_sets(interim, ValidationConfig(**key["validation"]))
     else:
         data = FeedbackData.load(processed_dir / dataset / "dataset.npz")
-    return train_record(key, data, label)
+    return train_record(key, data, label, checkpoint_path(key))
+
+
+def checkpoint_path(key: dict[str, Any]) -> Path:
+    """Where a run of `key` keeps its checkpoint until its record is written."""
+    return CHECKPOINTS / f"{hashlib.sha256(key_text(key).encode()).hexdigest()[:20]}.pt"
 
 
 def train_record(
-    key: dict[str, Any], data: FeedbackData, label: str | None = None
+    key: dict[str, Any],
+    data: FeedbackData,
+    label: str | None = None,
+    checkpoint: Path | None = None,
 ) -> dict[str, Any]:
     """Train the resolved `key` on `data` with the test metrics tracked; its record: the
     per-epoch hyper-validation objective, validation loss, PCC (NaN on real sets) and test
@@ -349,9 +364,12 @@ def train_record(
     hyper = get_method(key["method"]).Hyper(**key["hyper"])
     started = time.perf_counter()
 
+    first: list[int] = []  # the first epoch this process trains (later than 1 on a resume)
+
     def report_progress(report: EpochReport) -> None:
+        first[:] = first or [report.epoch]
         minutes = (time.perf_counter() - started) / 60
-        left = minutes / report.epoch * (train.epochs - report.epoch)
+        left = minutes / (report.epoch - first[0] + 1) * (train.epochs - report.epoch)
         print(
             f"  {label}: epoch {report.epoch}/{train.epochs}, hyper "
             f"{report.metrics['hyper_snips_dcg@3']:.4f}, {minutes:.0f} min, ~{left:.0f} min left",
@@ -367,6 +385,7 @@ def train_record(
         callback=report_progress if label else None,
         progress=False,
         track_test=True,
+        checkpoint=checkpoint,
     )
     curve = [
         {
@@ -443,8 +462,9 @@ def run(
             except UboError as error:  # a bad variant: say which, go on with the others
                 print(f"error: {describe(*futures[future])}: {error}", flush=True)
                 continue
-            out.write(json.dumps(record) + "\n")  # one line per run: a kill loses only runs
-            out.flush()  # in flight
+            out.write(json.dumps(record) + "\n")  # one line per run: a kill loses only the
+            out.flush()  # epochs of runs in flight since their last checkpoint
+            checkpoint_path(record["key"]).unlink(missing_ok=True)
             best = max(record["curve"], key=lambda p: p["hyper"])
             elapsed = time.perf_counter() - started
             print(
