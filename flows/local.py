@@ -299,7 +299,8 @@ def main(argv: list[str] | None = None) -> int:
         open_store(service_env()["MLFLOW_TRACKING_URI"], REPO)
         overrides = parameters.get("overrides")
         threads = overrides.get("threads") if isinstance(overrides, dict) else None
-        run_threads = threads if isinstance(threads, int) and threads > 0 else None
+        positive = isinstance(threads, int) and not isinstance(threads, bool) and threads > 0
+        run_threads = threads if positive else None
         with services_running(service_env(), args.cpu_workers, run_threads) as (
             env,
             train_deployment,

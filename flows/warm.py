@@ -157,7 +157,7 @@ def run_thread_counts(default: int) -> list[int]:
     text = os.environ.get(RUN_THREADS_ENV, "").strip()
     if not text:
         return sorted({1, default})
-    if not text.isdigit() or int(text) < 1:
+    if not text.isdecimal() or int(text) < 1:
         raise SystemExit(f"flows.warm: {RUN_THREADS_ENV} must be a positive integer, not {text!r}")
     return [int(text)]
 

@@ -7,6 +7,14 @@ file; a kill while saving leaves the previous checkpoint whole."""
 
 from __future__ import annotations
 
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
 import pytest
 import torch
 from planted import planted_feedback
@@ -16,6 +24,8 @@ from ubo_core.config import Params
 from ubo_core.errors import UboError
 from ubo_core.methods import METHODS, resolve_config
 from ubo_core.trainer import fit
+
+ROOT = Path(__file__).resolve().parents[1]
 
 OVERRIDES = {
     "device": "cpu",
@@ -108,3 +118,37 @@ def test_a_kill_while_saving_keeps_the_previous_checkpoint(data, tmp_path, monke
         fit("umf", data, train, hyper, seed=1, progress=False, checkpoint=path)
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["run.ckpt"]  # no temporary left
+
+
+def test_a_killed_command_resumes_to_the_output_of_an_uninterrupted_one(tmp_path):
+    """`python -m ubo_core.train --checkpoint`, killed with SIGKILL once its first checkpoint
+    exists, then run again: it resumes in a new process (nothing carried over in memory) and
+    prints what the uninterrupted command printed; the checkpoint is gone afterwards."""
+    from test_train_cli import tiny_processed
+
+    params = tiny_processed(tmp_path)
+    argv = [sys.executable, "-m", "ubo_core.train", "--dataset", "coat", "--method", "ubo"]
+    argv += ["--mode", "paper", "--epochs", "100", "--device", "cpu", "--no-progress"]
+    argv += ["--params", str(params), "--set", "lr=0.05"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+
+    def output(done: subprocess.CompletedProcess) -> dict:
+        assert done.returncode == 0, done.stderr[-2000:]
+        line = json.loads(done.stdout)
+        line.pop("seconds")
+        return line
+
+    straight = output(subprocess.run(argv, env=env, capture_output=True, text=True, timeout=600))
+    checkpoint = tmp_path / "ubo.ckpt"
+    resumable = [*argv, "--checkpoint", str(checkpoint), "--checkpoint-seconds", "0"]
+    process = subprocess.Popen(resumable, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 300
+    while not checkpoint.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)
+    process.communicate()
+    assert process.returncode == -signal.SIGKILL and checkpoint.is_file()
+    resumed = subprocess.run(resumable, env=env, capture_output=True, text=True, timeout=600)
+    assert "ubo: resuming from" in resumed.stderr and "after epoch" in resumed.stderr
+    assert output(resumed) == straight
+    assert not checkpoint.exists()

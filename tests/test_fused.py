@@ -97,15 +97,28 @@ def test_path_follows_the_setting(monkeypatch):
         TrainConfig(elementwise="fast")
 
 
-def test_auto_falls_back_to_eager_when_compiling_fails(monkeypatch, capsys):
+def _cpp_failure() -> Exception:
+    from torch._inductor.exc import CppCompileError
+
+    return CppCompileError(["g++", "kernel.cpp"], "cc1plus not found")
+
+
+def _inductor_failure() -> Exception:
+    """What torch.compile raises in practice: inductor wraps its errors (compile_fx.py)."""
+    from torch._inductor.exc import InductorError
+
+    return InductorError(RuntimeError("cc1plus not found"), None)
+
+
+@pytest.mark.parametrize("failure", [_cpp_failure, _inductor_failure])
+def test_auto_falls_back_to_eager_when_compiling_fails(monkeypatch, capsys, failure):
     """A backend that cannot build (no working compiler): "auto" says so in one line, runs
     the eager form and stays eager for the process (a later `configure("auto")` does not try
     again); "compiled" raises. The run records the path its kernels took."""
-    from torch._inductor.exc import CppCompileError
 
     def broken_compile(fn, **_):
         def run(*args):
-            raise CppCompileError(["g++", "kernel.cpp"], "cc1plus not found")
+            raise failure()
 
         return run
 
@@ -113,7 +126,7 @@ def test_auto_falls_back_to_eager_when_compiling_fails(monkeypatch, capsys):
     monkeypatch.setattr(fused, "_PATH", fused._Path())  # this test's failure stays here
     kernel = fused.FusedKernel(lambda x: x + 1)
     fused.configure("compiled", CPU)
-    with pytest.raises(CppCompileError, match="cc1plus"):
+    with pytest.raises(type(failure()), match="cc1plus"):
         kernel(torch.zeros(2))
     kernel = fused.FusedKernel(lambda x: x + 1)
     monkeypatch.setattr(fused.shutil, "which", lambda name: "/usr/bin/g++")

@@ -15,7 +15,7 @@ cached), which a Coat cell would feel: flows/warm.py's servers compile every ker
 (`warm_up`) before forking their runs, which inherit them.
 
 Results: the compiled and eager kernels agree to float rounding, so a run's numbers depend on
-the path (as on the thread count); the run records which path ran (`active`).
+the path (as on the thread count); the run records which path its kernels took (`ran`).
 """
 
 from __future__ import annotations
@@ -88,8 +88,9 @@ def ran() -> str:
 
 class FusedKernel:
     """A `*_cells` function, called compiled or eager as `configure` set. `eager` is a
-    faster in-place form of the same values for the eager path, where one exists (it may
-    overwrite its first argument, which callers do not reuse)."""
+    faster in-place form of the same values for the eager path, where one exists (UMF's and
+    RelMF's: it may overwrite its first argument, which their callers do not reuse); the
+    compiled form and the `*_cells` functions never write into their arguments."""
 
     def __init__(self, cells: Callable[..., object], eager: Callable[..., object] | None = None):
         self.cells, self.eager = cells, eager or cells

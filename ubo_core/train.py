@@ -2,7 +2,7 @@
 
     python -m ubo_core.train --dataset coat --method ubo --seed 0 [--mode paper|dense]
         [--device auto|cpu|cuda] [--epochs N] [--set key=value ...] [--params params.yaml]
-        [--checkpoint FILE] [--show-config]
+        [--checkpoint FILE [--checkpoint-seconds S]] [--show-config]
 
 Shows a progress bar (epoch, loss, validation loss, speed) on stderr and ends by printing one
 JSON line on stdout: dcg@1..3, map@1..3 (and pcc on semi-synthetic data), seconds, device.
@@ -100,6 +100,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="save the run's state here and resume from it when it exists (long runs)",
     )
     parser.add_argument(
+        "--checkpoint-seconds",
+        type=float,
+        default=60.0,
+        metavar="S",
+        help="save at most every S seconds, and after the last epoch (default: %(default)s)",
+    )
+    parser.add_argument(
         "--show-config",
         action="store_true",
         help="print the run's resolved train keys and method knobs (YAML) and exit",
@@ -137,6 +144,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.seed,
             progress=not args.no_progress,
             checkpoint=args.checkpoint,
+            checkpoint_seconds=args.checkpoint_seconds,
         )
     except UboError as error:
         print(f"error: {error}", file=sys.stderr)

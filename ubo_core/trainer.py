@@ -8,6 +8,7 @@ callback (how Prefect/MLflow log curves without touching the methods).
 from __future__ import annotations
 
 import dataclasses
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -111,11 +112,19 @@ def fit(
     sampler = make_sampler(type(method).sampling, tensors, train, generator)
     history: list[EpochReport] = []
     training_seconds, steps, pairs, first_epoch = 0.0, 0, 0, 1
-    identity = _run_identity(method_name, data, train, hyper, seed, track_test)
-    if checkpoint is not None and Path(checkpoint).is_file():
+    identity: dict[str, Any] = {}
+    if checkpoint is not None:
+        identity = _run_identity(method_name, data, train, hyper, seed, track_test, device)
+    if checkpoint is not None and checkpoint.is_file():
         loop = checkpoints.load(checkpoint, identity, method, tensors, generator)
         history, first_epoch = loop["history"], loop["epoch"] + 1
         training_seconds, steps, pairs = loop["seconds"], loop["steps"], loop["pairs"]
+        # Said even without a progress bar: a run that skips epochs must say why.
+        print(
+            f"{method_name}: resuming from {checkpoint} after epoch {loop['epoch']}",
+            file=sys.stderr,
+            flush=True,
+        )
     schedule = checkpoints.Schedule(checkpoint_seconds)
     bar = tqdm(
         range(first_epoch, train.epochs + 1),
@@ -177,11 +186,19 @@ def fit(
 
 
 def _run_identity(
-    method_name: str, data: FeedbackData, train: TrainConfig, hyper: Any, seed: int, track: bool
+    method_name: str,
+    data: FeedbackData,
+    train: TrainConfig,
+    hyper: Any,
+    seed: int,
+    track: bool,
+    device: torch.device,
 ) -> dict[str, Any]:
-    """What a checkpoint must match to be resumed: the method, its configuration (threads,
-    device and the elementwise path may differ: they change no result beyond rounding), the
-    seed, the data set's shape and whether the curve tracks the test set."""
+    """What a checkpoint must match to be resumed: the method, its configuration, the seed,
+    the device type (CPU and CUDA generators draw different streams), the data and the code
+    (digests), and whether the curve tracks the test set. The thread count and the
+    elementwise path may differ: like a rerun on another machine, they change numbers only by
+    float rounding."""
     config = {
         key: value
         for key, value in dataclasses.asdict(train).items()
@@ -192,7 +209,9 @@ def _run_identity(
         "train": config,
         "hyper": dataclasses.asdict(hyper) if dataclasses.is_dataclass(hyper) else repr(hyper),
         "seed": seed,
-        "data": [data.n_users, data.n_items, int(data.train_positives()[0].size)],
+        "device": device.type,
+        "data": checkpoints.data_digest(data),
+        "code": checkpoints.code_digest(),
         "track_test": track,
     }
 

@@ -175,7 +175,7 @@ class ExposureMF(Method):
             self.exposure_net.gate_bias,
         )
         # (batch, U W^T) of the last exposure-only block step, for `block_terms`.
-        self._kept_logits: tuple[Batch, Tensor] | None = None
+        self._kept_logits: tuple[Batch, Tensor, int] | None = None
         paper = train.mode == "paper"
         self.inner_lr = hyper.inner_lr if paper else hyper.dense_inner_lr
         exposure_lr = hyper.exposure_lr if paper else hyper.dense_exposure_lr
@@ -506,16 +506,22 @@ class ExposureMF(Method):
         the GEMM would give the same numbers."""
         assert batch.weight is not None
         kept, self._kept_logits = self._kept_logits, None
+        # Only the same block's, and only if nothing wrote into them since (a kernel's eager
+        # form may overwrite its first argument; the mixed-exposure ones do not).
         user_rows = self.user_emb.detach().index_select(0, batch.users)
         exposure_rows = self.exposure_user_emb.detach().index_select(0, batch.users)
         item_table = self.item_emb.detach()
+        if kept is not None and kept[0] is batch and kept[1]._version == kept[2]:
+            logits = kept[1]
+        else:
+            logits = user_rows @ item_table.T
         # The gate as `exposure_from_rows` computes it, so r is the same number.
         gate = torch.sigmoid(item_table @ self.gate_weight.detach() + self.gate_bias.detach())
         return BlockTerms(
             user_rows,
             item_table,
             exposure_rows,
-            kept[1] if kept is not None and kept[0] is batch else user_rows @ item_table.T,
+            logits,
             exposure_rows @ item_table.T,
             gate.squeeze(-1),
             self.exposure_net.theta,
@@ -525,7 +531,7 @@ class ExposureMF(Method):
     def _keep_logits(self, batch: Batch, terms: BlockTerms) -> None:
         """Hand an exposure-only step's logits to the next `block_terms` on `batch` (the
         kernels read them without writing)."""
-        self._kept_logits = (batch, terms.logits)
+        self._kept_logits = (batch, terms.logits, terms.logits._version)
 
     def block_exposure_gradients(
         self, terms: BlockTerms, coef_e: Tensor, coef_gate: Tensor, users: Tensor
