@@ -19,12 +19,11 @@ command killed with SIGKILL), and requires identical parameters and curves.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import time
 from collections.abc import Callable, Iterator
 from functools import partial
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Any
 
 import numpy as np
@@ -39,7 +38,7 @@ from ubo_core.fileio import atomic_path
 FORMAT = 1
 _SCALARS = (bool, int, float, str, type(None))
 # Values that describe a method rather than hold its state: the rebuilt method has its own.
-_DESCRIPTIONS = (torch.device, torch.dtype)
+_DESCRIPTIONS = (torch.device, torch.dtype, PurePath)
 Setter = Callable[[Any], None]
 
 
@@ -49,11 +48,6 @@ def _data_storages(tensors: TrainingTensors) -> set[int]:
         for value in vars(tensors).values()
         if isinstance(value, Tensor) and value.numel()
     }
-
-
-def _frozen_dataclass(value: Any) -> bool:
-    params = getattr(value, "__dataclass_params__", None)
-    return dataclasses.is_dataclass(value) and bool(params is not None and params.frozen)
 
 
 def _walk(root: object, data: set[int]) -> Iterator[tuple[str, Any, Setter | None]]:
@@ -86,9 +80,9 @@ def _walk(root: object, data: set[int]) -> Iterator[tuple[str, Any, Setter | Non
         elif isinstance(value, dict):
             for key, item in value.items():
                 yield from visit(item, f"{path}[{key!r}]", partial(value.__setitem__, key))
-        elif _frozen_dataclass(value):
-            return  # configuration: the resumed run is built from the same one
         elif isinstance(value, nn.Module) or type(value).__module__.startswith("ubo_core"):
+            # Frozen dataclasses too (configuration, mostly: equal on restore, so never set;
+            # a tensor in one could still change in place).
             for name, item in vars(value).items():
                 where = f"{path}.{name}" if path else name
                 yield from visit(item, where, partial(object.__setattr__, value, name))
