@@ -46,7 +46,7 @@ import numpy as np  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from flows.run_identity import code_version  # noqa: E402
+from flows.run_identity import NON_RESULT_KEYS, code_version  # noqa: E402
 from ubo_core.config import Params, TrainConfig, ValidationConfig, load_params  # noqa: E402
 from ubo_core.data import FeedbackData  # noqa: E402
 from ubo_core.datasets.validation import build_validation_sets  # noqa: E402
@@ -317,7 +317,11 @@ def run_key(
 
 
 def key_text(key: dict[str, Any]) -> str:
-    return json.dumps(key, sort_keys=True)
+    """A run's identity as text, without the train keys that change no result beyond float
+    rounding (NON_RESULT_KEYS: threads, device, the elementwise path, ...): a key added to
+    TrainConfig later leaves the records written before it valid."""
+    train = {k: v for k, v in key["train"].items() if k not in NON_RESULT_KEYS}
+    return json.dumps({**key, "train": train}, sort_keys=True)
 
 
 def load_runs(path: Path = RUNS) -> dict[str, dict[str, Any]]:
