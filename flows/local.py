@@ -43,6 +43,7 @@ from flows.services import (
     service_env,
     start_server,
 )
+from flows.warm import RUN_THREADS_ENV
 from ubo_core.errors import UboError
 
 SMOKE = {"seeds": [0], "epochs": 3}  # and one data set: smoke_dataset()
@@ -139,8 +140,12 @@ def clear_orphans(env: dict[str, str]) -> int:
 
 
 @contextlib.contextmanager
-def services_running(env: dict[str, str], cpu_workers: int) -> Iterator[tuple[dict[str, str], str]]:
-    """Server (if needed), pools, deployments and workers; yields (env, training deployment)."""
+def services_running(
+    env: dict[str, str], cpu_workers: int, run_threads: int | None = None
+) -> Iterator[tuple[dict[str, str], str]]:
+    """Server (if needed), pools, deployments and workers; yields (env, training deployment).
+    `run_threads`: the thread count every training run will set, when known (the CPU
+    workers' warm servers then compile dense kernels for it alone)."""
     lock = exclusive_run(Path(env["PREFECT_HOME"]))  # first: a refusal leaves nothing to undo
     report_leftovers(Path(env["PREFECT_HOME"]))  # a killed run's workers would train beside ours
     services = Services(STATE_DIR, env)
@@ -170,6 +175,8 @@ def services_running(env: dict[str, str], cpu_workers: int) -> Iterator[tuple[di
         services.start("worker-control", ["worker", "start", "--pool", CONTROL_POOL])
         for index in range(slots):
             worker_env = env | ({"CUDA_VISIBLE_DEVICES": str(index)} if gpus else {})
+            if run_threads and not gpus:  # the warm server compiles for that count only
+                worker_env[RUN_THREADS_ENV] = str(run_threads)
             services.start_training_worker(
                 f"{train_pool}-{index}",
                 ["--pool", train_pool, "--limit", "1", "--name", f"{train_pool}-{index}"],
@@ -290,7 +297,14 @@ def main(argv: list[str] | None = None) -> int:
         # The store first: a corrupt, locked or read-only one stops here, in one line,
         # before any service starts (every run of the study would fail on it).
         open_store(service_env()["MLFLOW_TRACKING_URI"], REPO)
-        with services_running(service_env(), args.cpu_workers) as (env, train_deployment):
+        overrides = parameters.get("overrides")
+        threads = overrides.get("threads") if isinstance(overrides, dict) else None
+        positive = isinstance(threads, int) and not isinstance(threads, bool) and threads > 0
+        run_threads = threads if positive else None
+        with services_running(service_env(), args.cpu_workers, run_threads) as (
+            env,
+            train_deployment,
+        ):
             on_gpu = train_deployment.endswith("/gpu")
             if args.flow == "tune":
                 parameters.setdefault(

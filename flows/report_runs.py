@@ -189,8 +189,8 @@ def collect(
                         "parent": tags.get(run_identity.PARENT_TAG, ""),
                         "machine": tags.get(run_identity.TAG_MACHINE, "unknown"),
                         "device": tags.get("device", "unknown"),
-                        # Dense mode's elementwise passes: compiled | eager ("" in paper mode
-                        # and in runs from before the tag).
+                        # Dense mode's fused elementwise passes: compiled | eager ("" for
+                        # methods without them, in paper mode and in runs before the tag).
                         "elementwise": tags.get("elementwise", ""),
                         "epochs": int(run.data.params.get("train.epochs", 0)),
                         # The selection objective at the run's last epoch (the tuned one).

@@ -260,8 +260,8 @@ def pcc_table(study: Study, dataset: str) -> str:
 
 
 def _elementwise(runs: pd.DataFrame) -> str:
-    """How dense runs' elementwise passes ran (ubo_core/fused.py), e.g. `; dense elementwise
-    passes: compiled (180 runs)`; empty without dense runs or with runs from before the tag."""
+    """How dense runs' fused elementwise passes ran (ubo_core/fused.py), e.g. `; dense
+    elementwise passes: compiled (140 runs)`; empty without runs that used them."""
     paths = runs.loc[runs["elementwise"] != "", "elementwise"].value_counts()
     if paths.empty:
         return ""

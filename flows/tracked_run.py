@@ -281,8 +281,9 @@ def _train_logged(
     started = time.perf_counter()
     # trainer.fit through the module, so tests (and profilers) can patch it.
     result = trainer.fit(method, data, train, hyper, seed, callback=log_epoch, progress=progress)
-    if train.mode == "dense":  # which path dense mode's elementwise passes took (same values
-        client.set_tag(run_id, "elementwise", fused.active())  # to rounding, like threads)
+    if fused.ran():  # the path dense mode's fused elementwise passes took (same values to
+        client.set_tag(run_id, "elementwise", fused.ran())  # rounding, like threads); none for
+        # a method without fused kernels (ExpoMF, CJMF, BPR) or in paper mode
     metrics = dict(result.test_metrics)
     if result.history and "pcc" in result.history[-1].metrics:
         metrics["pcc"] = result.history[-1].metrics["pcc"]  # already the curve's last point

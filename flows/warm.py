@@ -38,6 +38,9 @@ import sys
 from pathlib import Path
 
 SOCKET_ENV = "UBO_WARM_SOCKET"
+# The thread count the server's runs will train with, when its launcher knows it: dense
+# kernels are compiled for that count alone (`compile_dense_kernels`).
+RUN_THREADS_ENV = "UBO_WARM_RUN_THREADS"
 # The module a flow-run process runs as __main__, warm or cold: Prefect's engine. Another one
 # only in tests/test_warm.py, which checks the handover without a Prefect server.
 MODULE_ENV, ENGINE = "UBO_WARM_MODULE", "prefect.engine"
@@ -146,25 +149,39 @@ def _project_files() -> dict[str, int]:
     return files
 
 
+def run_thread_counts(default: int) -> list[int]:
+    """The thread counts runs forked from here will train with: `RUN_THREADS_ENV` when the
+    launcher knows it (flows/local.py gives every run of several CPU workers one thread),
+    else 1 (the study's) and the server's own `default`. A run with another count is still
+    right: it compiles its kernels itself (~3 s each)."""
+    text = os.environ.get(RUN_THREADS_ENV, "").strip()
+    if not text:
+        return sorted({1, default})
+    if not text.isdecimal() or int(text) < 1:
+        raise SystemExit(f"flows.warm: {RUN_THREADS_ENV} must be a positive integer, not {text!r}")
+    return [int(text)]
+
+
 def compile_dense_kernels() -> str:
     """Compile dense mode's kernels (ubo_core/fused.py) for the thread counts a run forked
-    from here will have: torch.compile guards on the thread count, so a run with another one
-    compiles again (~3 s a kernel). Runs keep the server's count unless their config sets
-    `threads`; the study sets 1 (a cell per core). Measured: without the 1, every dense cell
-    of the study compiled its kernels again, 1-2 s of a Coat cell."""
+    from here will have (`run_thread_counts`): torch.compile guards on the thread count, so a
+    run with another one compiles again (~3 s a kernel). Measured: without the 1, every dense
+    cell of the study compiled its kernels again, 1-2 s of a Coat cell; compiling for a count
+    no run uses doubled a server's start (~12 s more, before its first run)."""
     import torch
 
     from ubo_core import fused
 
     default = torch.get_num_threads()
+    counts = run_thread_counts(default)
     try:
-        for threads in sorted({1, default}):
+        for threads in counts:
             torch.set_num_threads(threads)  # sets the count; starts no thread
             if not fused.warm_up():
                 return "no compiler: eager kernels"
     finally:
         torch.set_num_threads(default)
-    return f"dense kernels compiled for {' and '.join(map(str, sorted({1, default})))} thread(s)"
+    return f"dense kernels compiled for {' and '.join(map(str, counts))} thread(s)"
 
 
 def _native_threads() -> int:

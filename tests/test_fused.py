@@ -12,10 +12,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from planted import planted_feedback
 
 from ubo_core import fused
 from ubo_core.config import TrainConfig
 from ubo_core.errors import ConfigError
+from ubo_core.methods import METHODS
+from ubo_core.trainer import fit
 
 ROOT = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")
@@ -26,9 +29,9 @@ needs_compiler = pytest.mark.skipif(
 
 @pytest.fixture(autouse=True)
 def restore_path():
-    saved = (fused._PATH.setting, fused._PATH.compiled)
+    saved = dict(vars(fused._PATH))
     yield
-    fused._PATH.setting, fused._PATH.compiled = saved
+    vars(fused._PATH).update(saved)
 
 
 def block_inputs(shape=(7, 11), seed=0):
@@ -94,28 +97,77 @@ def test_path_follows_the_setting(monkeypatch):
         TrainConfig(elementwise="fast")
 
 
-def test_auto_falls_back_to_eager_when_compiling_fails(monkeypatch, capsys):
-    """A backend that cannot build (no working compiler): "auto" says so in one line and runs
-    the eager form; "compiled" raises."""
+def _cpp_failure() -> Exception:
+    from torch._inductor.exc import CppCompileError
+
+    return CppCompileError(["g++", "kernel.cpp"], "cc1plus not found")
+
+
+def _inductor_failure() -> Exception:
+    """What torch.compile raises in practice: inductor wraps its errors (compile_fx.py)."""
+    from torch._inductor.exc import InductorError
+
+    return InductorError(RuntimeError("cc1plus not found"), None)
+
+
+@pytest.mark.parametrize("failure", [_cpp_failure, _inductor_failure])
+def test_auto_falls_back_to_eager_when_compiling_fails(monkeypatch, capsys, failure):
+    """A backend that cannot build (no working compiler): "auto" says so in one line, runs
+    the eager form and stays eager for the process (a later `configure("auto")` does not try
+    again); "compiled" raises. The run records the path its kernels took."""
 
     def broken_compile(fn, **_):
         def run(*args):
-            raise RuntimeError("C++ compile error: cc1plus not found\nmore")
+            raise failure()
 
         return run
 
     monkeypatch.setattr(torch, "compile", broken_compile)
+    monkeypatch.setattr(fused, "_PATH", fused._Path())  # this test's failure stays here
     kernel = fused.FusedKernel(lambda x: x + 1)
     fused.configure("compiled", CPU)
-    with pytest.raises(RuntimeError, match="cc1plus"):
+    with pytest.raises(type(failure()), match="cc1plus"):
         kernel(torch.zeros(2))
     kernel = fused.FusedKernel(lambda x: x + 1)
     monkeypatch.setattr(fused.shutil, "which", lambda name: "/usr/bin/g++")
-    fused.configure("auto", CPU)
+    assert fused.configure("auto", CPU) == "compiled" and fused.ran() == ""
     torch.testing.assert_close(kernel(torch.zeros(2)), torch.ones(2))
-    assert fused.active() == "eager"
+    assert fused.active() == "eager" and fused.ran() == "eager"
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "cc1plus not found" in err[0] and "run eager" in err[0]
+    assert fused.configure("auto", CPU) == "eager"  # sticky: no second failed compile
+
+
+def test_auto_propagates_errors_that_are_not_the_backends(monkeypatch):
+    """Only a backend's failure to build makes "auto" fall back: a caller's mistake (here a
+    shape error) raises as it would eager, instead of hiding behind the eager path."""
+
+    def compile_passthrough(fn, **_):
+        return fn
+
+    monkeypatch.setattr(torch, "compile", compile_passthrough)
+    monkeypatch.setattr(fused, "_PATH", fused._Path())
+    monkeypatch.setattr(fused.shutil, "which", lambda name: "/usr/bin/g++")
+    kernel = fused.FusedKernel(lambda x, y: x + y)
+    fused.configure("auto", CPU)
+    with pytest.raises(RuntimeError, match="size"):
+        kernel(torch.zeros(2), torch.zeros(3))
+    assert fused.active() == "compiled"
+    torch.testing.assert_close(kernel(torch.zeros(2), torch.ones(2)), torch.ones(2))
+    assert fused.ran() == "compiled"
+
+
+def test_runs_record_the_path_their_kernels_took():
+    """`ran()` names the path only when a kernel ran since `configure`: a method without
+    fused kernels (ExpoMF, CJMF, BPR) records none, whatever the process's setting."""
+    fused.configure("eager", CPU)
+    assert fused.ran() == ""
+    data, _, _ = planted_feedback(n_users=12, n_items=30, n_test_items=4, seed=0)
+    train = TrainConfig(mode="dense", epochs=1, dim=4, block_users=8, elementwise="eager")
+    fit("bpr", data, train, None, seed=0, progress=False)
+    assert fused.ran() == ""
+    fit("umf", data, train, METHODS["umf"].Hyper(), seed=0, progress=False)
+    assert fused.ran() == "eager"
 
 
 WARM_THEN_TRAIN = """

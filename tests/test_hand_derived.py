@@ -362,3 +362,33 @@ def test_hand_derived_steps_equal_autograd_steps(name, knobs, optimizer, weight_
     for key, value in auto.state().items():
         torch.testing.assert_close(hand.state()[key], value, rtol=1e-9, atol=1e-11)
     assert not torch.equal(hand.state()["user_emb"], start)  # the steps moved the parameters
+
+
+@pytest.mark.parametrize("name", ["ubo", "alteropt"])
+def test_reusing_the_exposure_steps_logits_changes_no_bit(name, monkeypatch):
+    """Dense UBO and AlterOpt hand U W^T from their exposure-only step to the relevance step
+    that follows on the same block (`ExposureMF._keep_logits`): the same numbers, bit for bit,
+    as computing the GEMM again."""
+    from ubo_core.methods.exposure_mf import ExposureMF
+    from ubo_core.trainer import fit
+
+    data = planted_feedback(n_users=40, n_items=30, n_test_items=5, seed=2)[0]
+    train = TrainConfig(mode="dense", epochs=3, dim=4, block_users=8, device="cpu")
+
+    def final_state():
+        hyper = METHODS[name].Hyper()
+        return fit(name, data, train, hyper, seed=0, progress=False).method.state()
+
+    block_terms, reused = ExposureMF.block_terms, []
+
+    def spy(self, batch):
+        reused.append(self._kept_logits is not None and self._kept_logits[0] is batch)
+        return block_terms(self, batch)
+
+    monkeypatch.setattr(ExposureMF, "block_terms", spy)
+    kept = final_state()
+    assert sum(reused) == len(reused) // 2  # every relevance step reused its block's logits
+    monkeypatch.setattr(ExposureMF, "_keep_logits", lambda self, batch, terms: None)
+    recomputed = final_state()
+    for key, value in recomputed.items():
+        assert torch.equal(kept[key], value), key

@@ -107,6 +107,49 @@ def test_cli_prints_one_json_line_with_the_metrics(tmp_path, capsys):
     )
 
 
+def test_cli_checkpoint_resumes_a_stopped_run_and_is_removed_at_the_end(
+    tmp_path, capsys, monkeypatch
+):
+    """--checkpoint: a run stopped after its second epoch resumes from there (the rerun trains
+    only the rest) and prints what the uninterrupted run prints; the file is gone after."""
+    import ubo_core.trainer as trainer
+
+    params = tiny_processed(tmp_path)
+    argv = ["--dataset", "coat", "--method", "umf", "--epochs", "4", "--device", "cpu"]
+    argv += ["--params", str(params), "--no-progress", "--set", "lr=0.05"]
+    assert main(argv) == 0
+    straight = json.loads(capsys.readouterr().out)
+    checkpoint = tmp_path / "umf.ckpt"
+    saves, resumed_after = trainer.checkpoints.save, []
+
+    def save_then_stop(*args, **kwargs):
+        saves(*args, **kwargs)
+        if args[-1]["epoch"] == 2:
+            raise KeyboardInterrupt  # killed right after epoch 2's checkpoint
+
+    monkeypatch.setattr(trainer.checkpoints, "save", save_then_stop)
+    monkeypatch.setattr(trainer.checkpoints.Schedule, "due", lambda self, final: True)
+    with pytest.raises(KeyboardInterrupt):
+        main([*argv, "--checkpoint", str(checkpoint)])
+    assert checkpoint.is_file()
+    monkeypatch.setattr(trainer.checkpoints, "save", saves)
+    loads = trainer.checkpoints.load
+
+    def load_and_note(*args, **kwargs):
+        loop = loads(*args, **kwargs)
+        resumed_after.append(loop["epoch"])
+        return loop
+
+    monkeypatch.setattr(trainer.checkpoints, "load", load_and_note)
+    assert main([*argv, "--checkpoint", str(checkpoint)]) == 0
+    assert resumed_after == [2]
+    resumed = json.loads(capsys.readouterr().out)
+    assert {k: v for k, v in resumed.items() if k != "seconds"} == {
+        k: v for k, v in straight.items() if k != "seconds"
+    }
+    assert not checkpoint.exists()
+
+
 def test_cli_missing_data_names_the_dvc_command(tmp_path, capsys):
     params = tmp_path / "params.yaml"
     write_params(params, f"data:\n  processed_dir: {tmp_path / 'nothing'}\n")

@@ -136,3 +136,33 @@ def test_a_run_after_the_projects_code_changed_starts_cold(server, tmp_path):
     assert f"flows.warm: {source} changed since the warm server started" in err
     warm, _, _ = echo(base_env() | {SOCKET_ENV: server}, tmp_path)
     assert warm["warm"]  # restored: warm again
+
+
+@pytest.mark.parametrize(
+    ("hint", "expected"), [(None, [1, 3]), ("1", [1]), ("2", [2]), ("x", None), ("0", None)]
+)
+def test_kernels_are_compiled_for_the_thread_counts_runs_will_use(monkeypatch, hint, expected):
+    """Without a hint, a server compiles dense kernels for one thread (the study's) and its
+    own count; with the launcher's hint (flows/local.py: every run of several CPU workers gets
+    one thread) for that count alone, half the compile before the first run; a bad hint stops
+    with one line naming it."""
+    import torch
+
+    from flows import warm
+    from ubo_core import fused
+
+    threads, compiled_for = {"now": 3}, []  # a server with 3 threads
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads["now"])
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: threads.update(now=n))
+    monkeypatch.setattr(fused, "warm_up", lambda: compiled_for.append(threads["now"]) or True)
+    if hint is None:
+        monkeypatch.delenv(warm.RUN_THREADS_ENV, raising=False)
+    else:
+        monkeypatch.setenv(warm.RUN_THREADS_ENV, hint)
+    if expected is None:
+        with pytest.raises(SystemExit, match=warm.RUN_THREADS_ENV):
+            warm.compile_dense_kernels()
+        return
+    said = warm.compile_dense_kernels()
+    assert compiled_for == expected and threads["now"] == 3  # the server's count restored
+    assert said == f"dense kernels compiled for {' and '.join(map(str, expected))} thread(s)"

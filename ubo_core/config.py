@@ -370,9 +370,13 @@ def load_params(path: str | Path = "params.yaml") -> Params:
     if not path.is_file():
         raise ConfigError("(file)", "not found", source=path)
     try:
-        text = path.read_text()
-        _check_duplicate_keys(yaml.compose(text, Loader=SAFE_LOADER), "", path)
-        raw = yaml.load(text, Loader=SAFE_LOADER)
+        loader = SAFE_LOADER(path.read_text())
+        try:  # one parse: the node tree is checked for duplicate keys, then constructed
+            node = loader.get_single_node()
+            _check_duplicate_keys(node, "", path)
+            raw = loader.construct_document(node) if node is not None else None
+        finally:
+            loader.dispose()
     except yaml.YAMLError as error:
         raise ConfigError("(file)", f"not valid YAML ({error})", source=path) from error
     raw = raw if raw is not None else {}

@@ -174,13 +174,12 @@ def ips_cells(
     logit: Tensor, exposure: Tensor, label: Tensor, weight: Tensor, scale: Tensor
 ) -> tuple[Tensor, Tensor]:
     """`ips_block` out of place, sigmoid and logsigmoid from one exp: with e = exp(-|s|),
-    log p = min(s, 0) - log(1 + e) and p = (1 or e) / (1 + e) as s >= 0 or not."""
+    log p = min(s, 0) - log1p(e) and p = (1 or e) / (1 + e) as s >= 0 or not."""
     ratio = label / exposure
     e = torch.exp(-logit.abs())
-    one_plus = 1.0 + e
-    log_p = logit.clamp_max(0.0) - torch.log(one_plus)
+    log_p = logit.clamp_max(0.0) - torch.log1p(e)
     loss = (((1.0 - ratio) * logit - log_p) * weight).sum() * scale
-    p = torch.where(logit >= 0, 1.0, e) / one_plus
+    p = torch.where(logit >= 0, 1.0, e) / (1.0 + e)
     return (p - ratio) * weight * scale, loss
 
 
@@ -198,6 +197,18 @@ def _mixed_exposure_partials(
     one_minus = one_minus_raw.clamp_min(_MIN_ONE_MINUS)
     a = torch.where(one_minus_raw >= _MIN_ONE_MINUS, p / one_minus, 0.0)
     return p, q, m, mp, one_minus, label > 0, a
+
+
+def _mixed_loss_slope(p: Tensor, m: Tensor, positive: Tensor, a: Tensor) -> Tensor:
+    """l_s from `_mixed_exposure_partials`' pieces: p - 1 on positives, m (1 - p) a on
+    negatives (`low_variance_derivatives`' s)."""
+    return torch.where(positive, p - 1.0, m * (1.0 - p) * a)
+
+
+def _exposure_split(coef: Tensor, gate: Tensor, q: Tensor, theta: Tensor) -> tuple[Tensor, Tensor]:
+    """A per-cell coefficient c of dm split along m = r q + (1 - r) theta into the exposure
+    net's two paths: (c r q', c (q - theta) r'), q' = q (1 - q) and r' = r (1 - r)."""
+    return coef * gate * (q * (1.0 - q)), coef * (q - theta) * (gate * (1.0 - gate))
 
 
 def mixed_exposure_cells(
@@ -219,16 +230,14 @@ def mixed_exposure_cells(
     p, q, m, mp, one_minus, positive, a = _mixed_exposure_partials(
         logit, personal_logit, gate, theta, label
     )
-    slope = torch.where(positive, p - 1.0, m * (1.0 - p) * a) * weight * scale
+    slope = _mixed_loss_slope(p, m, positive, a) * weight * scale
     picked = torch.where(positive, mp.clamp_min(_MIN_EXPOSURE * 1e-30), one_minus)
     loss = -(picked.log() * weight).sum() * scale
     if not exposure_grads:
         return slope, loss
     inv_m = torch.where(m >= _MIN_EXPOSURE, 1.0 / m.clamp_min(_MIN_EXPOSURE), 0.0)
     loss_m = torch.where(positive, -inv_m, a) * weight * scale
-    coef_e = loss_m * gate * (q * (1.0 - q))
-    coef_gate = loss_m * (q - theta) * (gate * (1.0 - gate))
-    return slope, loss, coef_e, coef_gate
+    return slope, loss, *_exposure_split(loss_m, gate, q, theta)
 
 
 def mixed_exposure_slope(
@@ -241,7 +250,7 @@ def mixed_exposure_slope(
 ) -> Tensor:
     """l_s * weight on a block with the exposure net's m (UBO's inner gradient G = (l_s w) W)."""
     p, _, m, _, _, positive, a = _mixed_exposure_partials(logit, personal_logit, gate, theta, label)
-    return torch.where(positive, p - 1.0, m * (1.0 - p) * a) * weight
+    return _mixed_loss_slope(p, m, positive, a) * weight
 
 
 def mixed_exposure_hyper_coefficients(
@@ -260,5 +269,4 @@ def mixed_exposure_hyper_coefficients(
         logit, personal_logit, gate, theta, label
     )
     loss_sm = torch.where(positive, 0.0, (1.0 - p) * a / one_minus)
-    c = coupling * loss_sm * weight * neg_eta
-    return c * gate * (q * (1.0 - q)), c * (q - theta) * (gate * (1.0 - gate))
+    return _exposure_split(coupling * loss_sm * weight * neg_eta, gate, q, theta)

@@ -15,7 +15,7 @@ cached), which a Coat cell would feel: flows/warm.py's servers compile every ker
 (`warm_up`) before forking their runs, which inherit them.
 
 Results: the compiled and eager kernels agree to float rounding, so a run's numbers depend on
-the path (as on the thread count); the run records which path ran (`active`).
+the path (as on the thread count); the run records which path its kernels took (`ran`).
 """
 
 from __future__ import annotations
@@ -44,6 +44,11 @@ from ubo_core.estimators import (
 class _Path:
     setting: str = "eager"
     compiled: bool = False
+    # A backend that failed once fails again: "auto" stays eager for the process's life.
+    failed: bool = False
+    # The path the last kernel call took since `configure` ("" when none ran: a method
+    # without kernels, or paper mode), what a run records.
+    ran: str = ""
 
 
 # One training run per process (flows fork or start one per cell), so the path is process
@@ -63,8 +68,10 @@ def compiler_present(device: torch.device) -> bool:
 
 def configure(setting: str, device: torch.device) -> str:
     """Set the path of the kernels below for this process; returns `active()`."""
-    _PATH.setting = setting
-    _PATH.compiled = setting == "compiled" or (setting == "auto" and compiler_present(device))
+    _PATH.setting, _PATH.ran = setting, ""
+    _PATH.compiled = setting == "compiled" or (
+        setting == "auto" and not _PATH.failed and compiler_present(device)
+    )
     return active()
 
 
@@ -73,10 +80,17 @@ def active() -> str:
     return "compiled" if _PATH.compiled else "eager"
 
 
+def ran() -> str:
+    """The path the kernels took since `configure` ("compiled" or "eager"), or "" when no
+    kernel ran (a method whose steps have none): what a run records as its path."""
+    return _PATH.ran
+
+
 class FusedKernel:
     """A `*_cells` function, called compiled or eager as `configure` set. `eager` is a
-    faster in-place form of the same values for the eager path, where one exists (it may
-    overwrite its first argument, which callers do not reuse)."""
+    faster in-place form of the same values for the eager path, where one exists (UMF's and
+    RelMF's: it may overwrite its first argument, which their callers do not reuse); the
+    compiled form and the `*_cells` functions never write into their arguments."""
 
     def __init__(self, cells: Callable[..., object], eager: Callable[..., object] | None = None):
         self.cells, self.eager = cells, eager or cells
@@ -85,6 +99,7 @@ class FusedKernel:
 
     def __call__(self, *args: object):
         if not _PATH.compiled:
+            _PATH.ran = "eager"
             return self.eager(*args)
         if self._compiled is None:
             import torch._inductor.config
@@ -97,19 +112,33 @@ class FusedKernel:
             torch._inductor.config.cpp.threads = 1
             self._compiled = torch.compile(self.cells, dynamic=True, fullgraph=True)
         try:
-            return self._compiled(*args)
+            result = self._compiled(*args)
         except Exception as error:  # the backend failed to build: "auto" falls back
-            if _PATH.setting != "auto":
+            if _PATH.setting != "auto" or not isinstance(error, _backend_failures()):
                 raise
-            _PATH.compiled = False
-            first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
+            _PATH.compiled, _PATH.failed = False, True
+            said = " ".join(str(error).split())  # the compiler's output on the one line
             print(
                 f"ubo_core.fused: compiling {self.__name__} failed ({type(error).__name__}: "
-                f"{first_line[:200]}); elementwise passes run eager",
+                f"{said[:300]}); elementwise passes run eager",
                 file=sys.stderr,
                 flush=True,
             )
+            _PATH.ran = "eager"
             return self.eager(*args)
+        _PATH.ran = "compiled"
+        return result
+
+
+def _backend_failures() -> tuple[type[BaseException], ...]:
+    """What torch.compile raises when its backend cannot build a kernel (inductor's errors,
+    a C++ compiler that fails, wrapped by dynamo): only these make "auto" fall back; any other
+    error (a shape or dtype mistake in a caller) is a bug and propagates. Imported when an
+    error is raised: dynamo's modules are not needed to import ubo_core."""
+    from torch._dynamo.exc import BackendCompilerFailed
+    from torch._inductor.exc import CppCompileError
+
+    return BackendCompilerFailed, CppCompileError
 
 
 low_variance = FusedKernel(low_variance_cells, low_variance_block)
@@ -144,7 +173,8 @@ def warm_up() -> bool:
             return torch.randn(shape, generator=generator)
 
         # Distinct tensors for every argument: the compiled graph guards on aliasing.
-        item, gate = torch.rand(shape[1], generator=generator), torch.rand(shape[1])
+        item = torch.rand(shape[1], generator=generator)
+        gate = torch.rand(shape[1], generator=generator)
         label, weight = (cells() > 1.0).float(), torch.ones(shape)
         scale = torch.tensor(1.0 / weight.numel())
         low_variance(cells(), item, label, weight, scale)
@@ -157,6 +187,7 @@ def warm_up() -> bool:
         mixed_hyper_coefficients(cells(), logits, personal, gate, item, label, weight, neg_eta)
     finally:
         _PATH.setting, _PATH.compiled = saved
+        _PATH.ran = ""
         _stop_tqdm_monitor()
     return True
 

@@ -2,10 +2,12 @@
 
     python -m ubo_core.train --dataset coat --method ubo --seed 0 [--mode paper|dense]
         [--device auto|cpu|cuda] [--epochs N] [--set key=value ...] [--params params.yaml]
-        [--show-config]
+        [--checkpoint FILE [--checkpoint-seconds S]] [--show-config]
 
 Shows a progress bar (epoch, loss, validation loss, speed) on stderr and ends by printing one
 JSON line on stdout: dcg@1..3, map@1..3 (and pcc on semi-synthetic data), seconds, device.
+With --checkpoint, the run's state is saved to FILE after its epochs (at most once a minute)
+and a rerun of the same command resumes from it; the file is removed when the run finishes.
 """
 
 from __future__ import annotations
@@ -92,6 +94,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument(
+        "--checkpoint",
+        type=Path,
+        metavar="FILE",
+        help="save the run's state here and resume from it when it exists (long runs)",
+    )
+    parser.add_argument(
+        "--checkpoint-seconds",
+        type=float,
+        default=60.0,
+        metavar="S",
+        help="save at most every S seconds, and after the last epoch (default: %(default)s)",
+    )
+    parser.add_argument(
         "--show-config",
         action="store_true",
         help="print the run's resolved train keys and method knobs (YAML) and exit",
@@ -121,11 +136,22 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(resolved_yaml(train, hyper, args.method), end="")
             return 0
         data = load_processed(params.data.processed_dir, args.dataset)
-        result = fit(args.method, data, train, hyper, args.seed, progress=not args.no_progress)
+        result = fit(
+            args.method,
+            data,
+            train,
+            hyper,
+            args.seed,
+            progress=not args.no_progress,
+            checkpoint=args.checkpoint,
+            checkpoint_seconds=args.checkpoint_seconds,
+        )
     except UboError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     print(json.dumps(result_line(result, args.dataset, args.method, args.seed, train.mode)))
+    if args.checkpoint is not None:  # the result is out: the state is not needed any more
+        args.checkpoint.unlink(missing_ok=True)
     return 0
 
 

@@ -7,9 +7,12 @@ callback (how Prefect/MLflow log curves without touching the methods).
 
 from __future__ import annotations
 
+import dataclasses
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -17,6 +20,7 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
+from ubo_core import checkpoint as checkpoints
 from ubo_core.config import TrainConfig
 from ubo_core.data import FeedbackData
 from ubo_core.engine import (
@@ -88,12 +92,18 @@ def fit(
     progress: bool = True,
     evaluate_test_set: bool = True,
     track_test: bool = False,
+    checkpoint: Path | None = None,
+    checkpoint_seconds: float = 60.0,
 ) -> FitResult:
     """Train `method_name` on `data` and return it with its test metrics.
 
     `evaluate_test_set=False` (tuning) leaves `test_metrics` empty; `data` may then lack its
     test split. `track_test` adds the test metrics to every evaluated epoch's report. The
-    callback may raise to stop training (a pruned tuning trial)."""
+    callback may raise to stop training (a pruned tuning trial). With `checkpoint`, the run's
+    state is saved there after evaluated epochs (at most every `checkpoint_seconds`, and after
+    the last), and a run whose checkpoint exists resumes from it with the numbers it would
+    have had uninterrupted (ubo_core/checkpoint.py); the caller removes the file once it has
+    kept the result."""
     if (evaluate_test_set or track_test) and not data.has_test:
         raise UboError("fit: the data set was loaded without its test split")
     tensors = TrainingTensors(data, resolve_device(train.device))
@@ -101,9 +111,28 @@ def fit(
     method, generator = build_method(method_name, tensors, train, hyper, seed)
     sampler = make_sampler(type(method).sampling, tensors, train, generator)
     history: list[EpochReport] = []
-    training_seconds, steps, pairs = 0.0, 0, 0
+    training_seconds, steps, pairs, first_epoch = 0.0, 0, 0, 1
+    identity: dict[str, Any] = {}
+    if checkpoint is not None:
+        identity = _run_identity(method_name, data, train, hyper, seed, track_test, device)
+    if checkpoint is not None and checkpoint.is_file():
+        loop = checkpoints.load(checkpoint, identity, method, tensors, generator)
+        history, first_epoch = loop["history"], loop["epoch"] + 1
+        training_seconds, steps, pairs = loop["seconds"], loop["steps"], loop["pairs"]
+        # Said even without a progress bar: a run that skips epochs must say why.
+        print(
+            f"{method_name}: resuming from {checkpoint} after epoch {loop['epoch']}",
+            file=sys.stderr,
+            flush=True,
+        )
+    schedule = checkpoints.Schedule(checkpoint_seconds)
     bar = tqdm(
-        range(1, train.epochs + 1), desc=f"{method_name}", unit="epoch", disable=not progress
+        range(first_epoch, train.epochs + 1),
+        desc=f"{method_name}",
+        unit="epoch",
+        disable=not progress,
+        initial=first_epoch - 1,
+        total=train.epochs,
     )
     for epoch in bar:
         started = time.perf_counter()
@@ -144,12 +173,47 @@ def fit(
             )
             if callback is not None:
                 callback(report)
+            if checkpoint is not None and schedule.due(final=epoch == train.epochs):
+                loop = {"epoch": epoch, "history": history, "seconds": training_seconds}
+                loop |= {"steps": steps, "pairs": pairs}
+                checkpoints.save(checkpoint, identity, method, tensors, generator, loop)
     result = FitResult(method, {}, history, training_seconds, str(device))
     if evaluate_test_set:
         result.test_users, result.test_per_user = evaluate_test_per_user(method, tensors)
         result.test_metrics = evaluate_test(method, tensors)
         result.test_exposure = pair_exposure(method, data.test_user, data.test_item)
     return result
+
+
+def _run_identity(
+    method_name: str,
+    data: FeedbackData,
+    train: TrainConfig,
+    hyper: Any,
+    seed: int,
+    track: bool,
+    device: torch.device,
+) -> dict[str, Any]:
+    """What a checkpoint must match to be resumed: the method, its configuration, the seed,
+    the device type (CPU and CUDA generators draw different streams), the data and the code
+    (digests), and whether the curve tracks the test set. The thread count and the
+    elementwise path may differ: like a rerun on another machine, they change numbers only by
+    float rounding."""
+    config = {
+        key: value
+        for key, value in dataclasses.asdict(train).items()
+        if key not in {"threads", "device", "elementwise"}
+    }
+    return {
+        "method": method_name,
+        "train": config,
+        "hyper": dataclasses.asdict(hyper) if dataclasses.is_dataclass(hyper) else repr(hyper),
+        "seed": seed,
+        "device": device.type,
+        "data": checkpoints.data_digest(data),
+        "code": checkpoints.code_digest(),
+        "track_test": track,
+    }
 
 
 def build_method(

@@ -174,6 +174,8 @@ class ExposureMF(Method):
             self.exposure_net.gate_weight,
             self.exposure_net.gate_bias,
         )
+        # (batch, U W^T) of the last exposure-only block step, for `block_terms`.
+        self._kept_logits: tuple[Batch, Tensor, int] | None = None
         paper = train.mode == "paper"
         self.inner_lr = hyper.inner_lr if paper else hyper.dense_inner_lr
         exposure_lr = hyper.exposure_lr if paper else hyper.dense_exposure_lr
@@ -498,23 +500,38 @@ class ExposureMF(Method):
 
     # -- hand-derived dense-mode steps -----------------------------------------------------
     def block_terms(self, batch: Batch) -> BlockTerms:
-        """The per-cell inputs of L2 with m_a on a block of users against all items."""
+        """The per-cell inputs of L2 with m_a on a block of users against all items. The
+        logits U W^T of an exposure-only step (`_keep_logits`) serve the relevance step that
+        follows it on the same block (UBO, AlterOpt): that step changed no relevance row, so
+        the GEMM would give the same numbers."""
         assert batch.weight is not None
+        kept, self._kept_logits = self._kept_logits, None
+        # Only the same block's, and only if nothing wrote into them since (a kernel's eager
+        # form may overwrite its first argument; the mixed-exposure ones do not).
         user_rows = self.user_emb.detach().index_select(0, batch.users)
         exposure_rows = self.exposure_user_emb.detach().index_select(0, batch.users)
         item_table = self.item_emb.detach()
+        if kept is not None and kept[0] is batch and kept[1]._version == kept[2]:
+            logits = kept[1]
+        else:
+            logits = user_rows @ item_table.T
         # The gate as `exposure_from_rows` computes it, so r is the same number.
         gate = torch.sigmoid(item_table @ self.gate_weight.detach() + self.gate_bias.detach())
         return BlockTerms(
             user_rows,
             item_table,
             exposure_rows,
-            user_rows @ item_table.T,
+            logits,
             exposure_rows @ item_table.T,
             gate.squeeze(-1),
             self.exposure_net.theta,
             batch.weight,
         )
+
+    def _keep_logits(self, batch: Batch, terms: BlockTerms) -> None:
+        """Hand an exposure-only step's logits to the next `block_terms` on `batch` (the
+        kernels read them without writing)."""
+        self._kept_logits = (batch, terms.logits, terms.logits._version)
 
     def block_exposure_gradients(
         self, terms: BlockTerms, coef_e: Tensor, coef_gate: Tensor, users: Tensor
@@ -550,6 +567,8 @@ class ExposureMF(Method):
             )
         if exposure:
             self.exposure_optimizer.step(exposure_grads)
+        if not relevance:
+            self._keep_logits(batch, terms)
         return loss
 
     def block_validation_bilevel_step(self, batch: Batch) -> Tensor:
@@ -594,6 +613,7 @@ class ExposureMF(Method):
         self.exposure_optimizer.step(
             self.block_exposure_gradients(terms, coef_e, coef_gate, batch.users)
         )
+        self._keep_logits(batch, terms)
         return outer_loss
 
     # -- the interface ---------------------------------------------------------------------
