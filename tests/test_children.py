@@ -56,6 +56,7 @@ class FakeServer:
         self.workers_seen_ago = workers_seen_ago
         self.clock = NOW
         self.requests = 0  # read_flow_runs calls
+        self.rows = 0  # flow runs those calls returned
 
     def __enter__(self):
         return self
@@ -81,10 +82,15 @@ class FakeServer:
         return SimpleNamespace(state=steps[index])
 
     def read_flow_runs(self, flow_run_filter, limit):
+        """The server's filter: these ids, without the state types `not_any_` names."""
         ids = flow_run_filter.id.any_
         assert len(ids) <= limit
+        left_out = flow_run_filter.state.type.not_any_ if flow_run_filter.state else []
         self.requests += 1
-        return [SimpleNamespace(id=i, state=self.read_flow_run(i).state) for i in ids]
+        runs = [SimpleNamespace(id=i, state=self.read_flow_run(i).state) for i in ids]
+        runs = [run for run in runs if run.state.type not in left_out]
+        self.rows += len(runs)
+        return runs
 
     def set_flow_run_state(self, flow_run_id, new_state, force=False):
         assert force
@@ -174,3 +180,25 @@ def test_a_poll_reads_the_states_of_all_children_in_pages_not_one_request_each(s
     finals = wait_for_children(cells, 0.0, 300.0)
     assert all(final.is_completed() for final in finals)
     assert server.requests == 2 * 3  # two polls (running, then completed), 3 pages of <= 200
+
+
+def test_a_poll_reads_only_the_children_past_scheduled(server, monkeypatch):
+    """Scheduled children need no look (they wait for a worker): a poll transfers the few
+    running ones, not the study's 140 waiting ones, and still knows that some wait."""
+    waiting = [uuid4() for _ in range(140)]
+    running = [uuid4() for _ in range(2)]
+    for run in waiting:
+        server.script[run] = [state(StateType.SCHEDULED, 0)] * 3 + [State(type=StateType.COMPLETED)]
+    for run in running:
+        server.script[run] = [state(StateType.RUNNING, 0)] + [State(type=StateType.COMPLETED)]
+    server.workers_seen_ago = 10_000.0  # no live worker while children wait: counted below
+    stalls = []
+    clock = iter(range(0, 10_000, 1))
+    monkeypatch.setattr(children.time, "monotonic", lambda: stalls.append(1) or float(next(clock)))
+    cells = [
+        Child(f"cell{i}", "ubo-train/cpu", {}, r, [r]) for i, r in enumerate(waiting + running)
+    ]
+    finals = wait_for_children(cells, 0.0, 300.0)
+    assert all(final.is_completed() for final in finals)
+    assert server.rows == 2 + 2 + 140  # running twice, then every child once, completed
+    assert stalls  # the waiting children were seen as waiting (the no-worker watch ran)
