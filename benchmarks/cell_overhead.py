@@ -57,34 +57,83 @@ def timeline(parent: str) -> None:
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterTags
 
-    from flows.children import PARENT_TAG
+    from flows.children import PAGE, PARENT_TAG
 
-    waits, starts, runs = [], [], []
+    cells: list[dict] = []  # first timestamp of each state type, per completed child
     with get_client(sync_client=True) as client:
-        children = client.read_flow_runs(
-            flow_run_filter=FlowRunFilter(tags=FlowRunFilterTags(all_=[f"{PARENT_TAG}{parent}"]))
-        )
+        flt = FlowRunFilter(tags=FlowRunFilterTags(all_=[f"{PARENT_TAG}{parent}"]))
+        children: list = []
+        while page := client.read_flow_runs(flow_run_filter=flt, limit=PAGE, offset=len(children)):
+            children += page
+        parent_run = client.read_flow_run(parent)
         for child in sorted(children, key=lambda run: run.expected_start_time):
             first: dict = {}
             for state in sorted(client.read_flow_run_states(child.id), key=lambda s: s.timestamp):
-                first.setdefault(state.type.value, state.timestamp)
+                first.setdefault(state.type.value, state.timestamp.timestamp())
             if not {"SCHEDULED", "PENDING", "RUNNING", "COMPLETED"} <= first.keys():
                 continue
-            waits.append((first["PENDING"] - first["SCHEDULED"]).total_seconds())
-            starts.append((first["RUNNING"] - first["PENDING"]).total_seconds())
-            runs.append((first["COMPLETED"] - first["RUNNING"]).total_seconds())
+            cells.append(first)
             print(
-                f"{child.name:28s} queued {waits[-1]:6.1f} s  start {starts[-1]:5.1f} s  "
-                f"run {runs[-1]:6.1f} s"
+                f"{child.name:28s} queued {first['PENDING'] - first['SCHEDULED']:6.1f} s  "
+                f"start {first['RUNNING'] - first['PENDING']:5.1f} s  "
+                f"run {first['COMPLETED'] - first['RUNNING']:6.1f} s"
             )
-    if not runs:
+    if not cells:
         raise SystemExit(f"no completed child of {parent}")
+    starts = [cell["RUNNING"] - cell["PENDING"] for cell in cells]
+    runs = [cell["COMPLETED"] - cell["RUNNING"] for cell in cells]
     start, run = statistics.mean(starts), statistics.mean(runs)
     print(
         f"\n{len(runs)} children: mean start {start:.1f} s (claimed to flow running), mean run "
         f"{run:.1f} s; the run is {run / (start + run):.0%} of a worker's time per cell, before "
         "its wait for the next poll"
     )
+    if parent_run.start_time and parent_run.end_time:
+        _slot_accounts(cells, parent_run.start_time.timestamp(), parent_run.end_time.timestamp())
+
+
+def _slot_accounts(cells: list[dict], begin: float, end: float) -> None:
+    """Where the parent's wall time went, per slot: each claim (PENDING) is given to the slot
+    whose last cell finished first (the workers are not named in the states; with equal
+    workers this is how a free one takes the next cell), so a slot's time splits into the
+    runs (RUNNING to COMPLETED), the starts (PENDING to RUNNING), the gaps between one cell's
+    COMPLETED and its slot's next claim (process exit, the worker's poll), the head (the
+    parent's start to the slot's first claim) and the tail (its last COMPLETED to the
+    parent's end)."""
+    events = sorted((cell["PENDING"], +1) for cell in cells)
+    events += sorted((cell["COMPLETED"], -1) for cell in cells)
+    busy = slots = 0
+    for _, step in sorted(events, key=lambda e: (e[0], e[1])):
+        busy += step
+        slots = max(slots, busy)
+    free = [begin] * slots  # when each slot's last cell completed
+    gaps, head = [], 0.0
+    started = [False] * slots
+    for cell in sorted(cells, key=lambda c: c["PENDING"]):
+        slot = min(range(slots), key=free.__getitem__)
+        if started[slot]:
+            gaps.append(cell["PENDING"] - free[slot])
+        else:
+            head += cell["PENDING"] - begin
+            started[slot] = True
+        free[slot] = cell["COMPLETED"]
+    tail = sum(end - done for done in free)
+    wall = end - begin
+    parts = {
+        "runs (RUNNING to COMPLETED)": sum(c["COMPLETED"] - c["RUNNING"] for c in cells),
+        "starts (claim to RUNNING)": sum(c["RUNNING"] - c["PENDING"] for c in cells),
+        "gaps (COMPLETED to the slot's next claim)": sum(gaps),
+        "head (parent start to each slot's first claim)": head,
+        "tail (each slot's last COMPLETED to the parent's end)": tail,
+    }
+    print(f"\nthe parent flow run's {wall:.0f} s on {slots} slot(s), per slot:")
+    print("| part | seconds per slot | per cell |")
+    print("|---|---:|---:|")
+    for label, seconds in parts.items():
+        print(f"| {label} | {seconds / slots:.0f} | {seconds / len(cells):.2f} |")
+    accounted = sum(parts.values()) / slots
+    print(f"| sum (the wall time, if the slots never overlapped) | {accounted:.0f} | |")
+    print(f"gap per cell: median {statistics.median(gaps):.2f} s, largest {max(gaps):.1f} s")
 
 
 # Long-lived processes of a local study, by their command line (flows/local.py starts them).
