@@ -194,6 +194,31 @@ def services_running(
 DEPLOYMENTS = {"benchmark": "ubo/full-benchmark", "tune": "ubo/tune"}
 
 
+def check_flows_installed(env: dict[str, str], repo: Path = REPO) -> None:
+    """Raise unless `flows` imports from this checkout in a process like a flow run's.
+
+    A worker starts each flow run (`python -m flows.warm start`) in a directory of Prefect's
+    own, so `flows` comes from the environment's install (or PYTHONPATH), not from the
+    current directory. An editable install made from another clone or a removed worktree
+    crashes every run with "No module named 'flows'", or runs that clone's code, and the study
+    would only show failed children; this says so before any service starts."""
+    import tempfile
+
+    probe = "import flows, sys; sys.stdout.write(flows.__file__)"
+    with tempfile.TemporaryDirectory(prefix="ubo-probe-") as elsewhere:
+        found = subprocess.run(
+            [sys.executable, "-c", probe], cwd=elsewhere, env=env, capture_output=True, text=True
+        )
+    where = Path(found.stdout).resolve().parent if found.returncode == 0 else None
+    if where != (repo / "flows").resolve():
+        seen = f"is {where}" if where else "does not import"
+        raise RuntimeError(
+            f"this environment's `flows` package {seen} outside this checkout's "
+            f"{repo / 'flows'}: the workers' flow runs would not run this code; reinstall it "
+            f"from here: {sys.executable} -m pip install --no-deps -e {repo}"
+        )
+
+
 def run_benchmark(
     env: dict[str, str], parameters: dict[str, Any], deployment: str = DEPLOYMENTS["benchmark"]
 ) -> int:
@@ -316,6 +341,7 @@ def main(argv: list[str] | None = None) -> int:
         # The store first: a corrupt, locked or read-only one stops here, in one line,
         # before any service starts (every run of the study would fail on it).
         open_store(service_env()["MLFLOW_TRACKING_URI"], REPO)
+        check_flows_installed(service_env())
         overrides = parameters.get("overrides")
         threads = overrides.get("threads") if isinstance(overrides, dict) else None
         positive = isinstance(threads, int) and not isinstance(threads, bool) and threads > 0
