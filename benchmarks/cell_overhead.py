@@ -89,10 +89,13 @@ def timeline(parent: str) -> None:
         "its wait for the next poll"
     )
     if parent_run.start_time and parent_run.end_time:
-        _slot_accounts(cells, parent_run.start_time.timestamp(), parent_run.end_time.timestamp())
+        begin, end = parent_run.start_time.timestamp(), parent_run.end_time.timestamp()
+        print_slot_accounts(*slot_accounts(cells, begin, end), len(cells), end - begin)
 
 
-def _slot_accounts(cells: list[dict], begin: float, end: float) -> None:
+def slot_accounts(
+    cells: list[dict], begin: float, end: float
+) -> tuple[dict[str, float], int, list[float]]:
     """Where the parent's wall time went, per slot: each claim (PENDING) is given to the slot
     whose last cell finished first (the workers are not named in the states; with equal
     workers this is how a free one takes the next cell), so a slot's time splits into the
@@ -118,7 +121,6 @@ def _slot_accounts(cells: list[dict], begin: float, end: float) -> None:
             started[slot] = True
         free[slot] = cell["COMPLETED"]
     tail = sum(end - done for done in free)
-    wall = end - begin
     parts = {
         "runs (RUNNING to COMPLETED)": sum(c["COMPLETED"] - c["RUNNING"] for c in cells),
         "starts (claim to RUNNING)": sum(c["RUNNING"] - c["PENDING"] for c in cells),
@@ -126,14 +128,21 @@ def _slot_accounts(cells: list[dict], begin: float, end: float) -> None:
         "head (parent start to each slot's first claim)": head,
         "tail (each slot's last COMPLETED to the parent's end)": tail,
     }
+    return parts, slots, gaps
+
+
+def print_slot_accounts(
+    parts: dict[str, float], slots: int, gaps: list[float], cells: int, wall: float
+) -> None:
     print(f"\nthe parent flow run's {wall:.0f} s on {slots} slot(s), per slot:")
     print("| part | seconds per slot | per cell |")
     print("|---|---:|---:|")
     for label, seconds in parts.items():
-        print(f"| {label} | {seconds / slots:.0f} | {seconds / len(cells):.2f} |")
+        print(f"| {label} | {seconds / slots:.0f} | {seconds / cells:.2f} |")
     accounted = sum(parts.values()) / slots
     print(f"| sum (the wall time, if the slots never overlapped) | {accounted:.0f} | |")
-    print(f"gap per cell: median {statistics.median(gaps):.2f} s, largest {max(gaps):.1f} s")
+    if gaps:
+        print(f"gap per cell: median {statistics.median(gaps):.2f} s, largest {max(gaps):.1f} s")
 
 
 # Long-lived processes of a local study, by their command line (flows/local.py starts them).
