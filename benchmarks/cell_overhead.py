@@ -57,14 +57,12 @@ def timeline(parent: str) -> None:
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterTags
 
-    from flows.children import PAGE, PARENT_TAG
+    from flows.children import PARENT_TAG, read_all_flow_runs
 
     cells: list[dict] = []  # first timestamp of each state type, per completed child
     with get_client(sync_client=True) as client:
         flt = FlowRunFilter(tags=FlowRunFilterTags(all_=[f"{PARENT_TAG}{parent}"]))
-        children: list = []
-        while page := client.read_flow_runs(flow_run_filter=flt, limit=PAGE, offset=len(children)):
-            children += page
+        children = read_all_flow_runs(client, flt)
         parent_run = client.read_flow_run(parent)
         for child in sorted(children, key=lambda run: run.expected_start_time):
             first: dict = {}
@@ -103,10 +101,10 @@ def slot_accounts(
     COMPLETED and its slot's next claim (process exit, the worker's poll), the head (the
     parent's start to the slot's first claim) and the tail (its last COMPLETED to the
     parent's end)."""
-    events = sorted((cell["PENDING"], +1) for cell in cells)
-    events += sorted((cell["COMPLETED"], -1) for cell in cells)
+    # The most cells claimed at once; at equal times a completion (-1) frees its slot first.
+    events = [(cell["PENDING"], +1) for cell in cells] + [(cell["COMPLETED"], -1) for cell in cells]
     busy = slots = 0
-    for _, step in sorted(events, key=lambda e: (e[0], e[1])):
+    for _, step in sorted(events):
         busy += step
         slots = max(slots, busy)
     free = [begin] * slots  # when each slot's last cell completed

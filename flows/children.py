@@ -36,7 +36,7 @@ from prefect.client.schemas.filters import (
     FlowRunFilterState,
     FlowRunFilterStateType,
 )
-from prefect.client.schemas.objects import State, StateType
+from prefect.client.schemas.objects import FlowRun, State, StateType
 from prefect.deployments import run_deployment
 from prefect.events.filters import (
     EventFilter,
@@ -132,6 +132,17 @@ def _states(client: SyncPrefectClient, flow_run_ids: list[UUID | None]) -> dict[
         )
         states |= {run.id: run.state for run in page if run.state is not None}
     return states
+
+
+def read_all_flow_runs(client: SyncPrefectClient, flow_run_filter: FlowRunFilter) -> list[FlowRun]:
+    """Every flow run `flow_run_filter` matches, in pages of PAGE: one read stops at the
+    API's limit (a study with resubmitted cells has more than 200 children)."""
+    runs: list[FlowRun] = []
+    while page := client.read_flow_runs(
+        flow_run_filter=flow_run_filter, limit=PAGE, offset=len(runs)
+    ):
+        runs += page
+    return runs
 
 
 def _pool_of(client: SyncPrefectClient, deployment: str) -> str | None:

@@ -117,15 +117,13 @@ def clear_orphans(env: dict[str, str]) -> int:
     from prefect.settings import PREFECT_API_URL, temporary_settings
     from prefect.states import Cancelled, Crashed
 
-    from flows.children import PARENT_TAG
+    from flows.children import PARENT_TAG, read_all_flow_runs
 
     open_types = [StateType.SCHEDULED, *(StateType(state) for state in STALE_STATES)]
     flt = FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(any_=open_types)))
     with temporary_settings({PREFECT_API_URL: env["PREFECT_API_URL"]}):
         with get_client(sync_client=True) as client:
-            runs = []
-            while page := client.read_flow_runs(flow_run_filter=flt, limit=200, offset=len(runs)):
-                runs += page
+            runs = read_all_flow_runs(client, flt)
             to_crash, to_cancel = orphans(
                 [(str(r.id), r.state_type.value, list(r.tags)) for r in runs if r.state_type],
                 PARENT_TAG,
@@ -257,7 +255,7 @@ def _submit_and_wait(env: dict[str, str], parameters: dict[str, Any], deployment
     from prefect.client.schemas.objects import StateType
     from prefect.deployments import run_deployment
 
-    from flows.children import PAGE, PARENT_TAG
+    from flows.children import PARENT_TAG, read_all_flow_runs
 
     parent = run_deployment(deployment, parameters=parameters, timeout=0)
     print(f"flow run {parent.name} ({parent.id}) of {deployment}: {json.dumps(parameters)}")
@@ -285,11 +283,10 @@ def _submit_and_wait(env: dict[str, str], parameters: dict[str, Any], deployment
             if state is not None and state.is_final():
                 break
             time.sleep(5)
-        failed: list[str] = []
-        while page := client.read_flow_runs(
-            flow_run_filter=children_in(PROGRESS_GROUPS["failed"]), limit=PAGE, offset=len(failed)
-        ):
-            failed += [child.name for child in page]
+        failed = [
+            child.name
+            for child in read_all_flow_runs(client, children_in(PROGRESS_GROUPS["failed"]))
+        ]
     from flows import study
 
     if deployment == DEPLOYMENTS["benchmark"]:
@@ -340,13 +337,14 @@ def main(argv: list[str] | None = None) -> int:
 
         # The store first: a corrupt, locked or read-only one stops here, in one line,
         # before any service starts (every run of the study would fail on it).
-        open_store(service_env()["MLFLOW_TRACKING_URI"], REPO)
-        check_flows_installed(service_env())
+        env = service_env()
+        open_store(env["MLFLOW_TRACKING_URI"], REPO)
+        check_flows_installed(env)
         overrides = parameters.get("overrides")
         threads = overrides.get("threads") if isinstance(overrides, dict) else None
         positive = isinstance(threads, int) and not isinstance(threads, bool) and threads > 0
         run_threads = threads if positive else None
-        with services_running(service_env(), args.cpu_workers, run_threads) as (
+        with services_running(env, args.cpu_workers, run_threads) as (
             env,
             train_deployment,
         ):
