@@ -22,7 +22,7 @@ from typing import Any
 import torch
 import yaml
 
-from ubo_core.config import SAFE_LOADER, Params, TrainConfig
+from ubo_core.config import NON_RESULT_KEYS, SAFE_LOADER, Params, TrainConfig
 from ubo_core.data import DATASET_FILE
 from ubo_core.errors import DataError
 from ubo_core.methods import resolve_config
@@ -36,12 +36,6 @@ TAG_MACHINE = "ubo.machine"  # CPU cores / GPU and torch version of the worker (
 TAG_REUSED_BY = "ubo.reused_by."  # + parent run id: a skipped run counts for that parent too
 PARENT_TAG = "mlflow.parentRunId"
 
-# Train keys that do not change a run's result, so they stay out of `run_key`: the device
-# (a run on CPU and one on GPU are the same experiment), the CPU thread count, whether dense
-# mode's elementwise passes ran compiled or eager (the same values to rounding, as with
-# threads) and how often the validation curves are evaluated (evaluation never draws from the
-# training generator).
-NON_RESULT_KEYS: frozenset[str] = frozenset({"device", "threads", "elementwise", "eval_every"})
 # Bump when the meaning of a key changes, so that old runs are not reused by mistake.
 RUN_KEY_VERSION = 1
 

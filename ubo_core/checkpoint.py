@@ -161,14 +161,7 @@ def load(
     """Restore `method` (freshly built for the same run), `generator` and torch's RNG from
     `path`; returns the trainer's `loop` state. A checkpoint of another run, or one whose
     state does not fit the method, stops with one line naming the file."""
-    try:
-        # Onto the CPU: generator states must be CPU byte tensors; `copy_` and the optimisers'
-        # `load_state_dict` move the rest onto the method's device.
-        payload = torch.load(Path(path), map_location="cpu", weights_only=False)
-    except Exception as error:  # a truncated or foreign file
-        raise UboError(f"{path}: not a readable checkpoint ({type(error).__name__})") from None
-    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-        raise UboError(f"{path}: not a checkpoint of this version of ubo_core")
+    payload = _read(path)
     if differ := _differences(identity, payload.get("identity", {})):
         raise UboError(f"{path}: a checkpoint of another run (differs in {', '.join(differ)})")
     targets = {
@@ -184,6 +177,25 @@ def load(
     generator.set_state(payload["generator"])
     torch.set_rng_state(payload["torch_rng"])
     return payload["loop"]
+
+
+def saved_loop(path: Path) -> dict[str, Any]:
+    """The trainer's loop state in the checkpoint at `path` (its last epoch, its history so
+    far, its counters), read without restoring anything: for a caller that decides on the
+    whole curve, such as an early stop, when `fit` resumes from it."""
+    return _read(path)["loop"]
+
+
+def _read(path: Path) -> dict[str, Any]:
+    try:
+        # Onto the CPU: generator states must be CPU byte tensors; `copy_` and the optimisers'
+        # `load_state_dict` move the rest onto the method's device.
+        payload = torch.load(Path(path), map_location="cpu", weights_only=False)
+    except Exception as error:  # a truncated or foreign file
+        raise UboError(f"{path}: not a readable checkpoint ({type(error).__name__})") from None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise UboError(f"{path}: not a checkpoint of this version of ubo_core")
+    return payload
 
 
 def _differences(mine: dict[str, Any], theirs: dict[str, Any], prefix: str = "") -> list[str]:

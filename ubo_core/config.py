@@ -196,6 +196,16 @@ class SemisyntheticConfig:
 TRAIN_MODES: tuple[str, ...] = ("paper", "dense")
 OPTIMIZERS: tuple[str, ...] = ("adam", "lazy_adam")
 ELEMENTWISE_SETTINGS: tuple[str, ...] = ("auto", "compiled", "eager")
+# TrainConfig keys that change a run's numbers by float rounding at most, like a rerun on
+# another machine: the device (a run on CPU and one on GPU are the same experiment), the CPU
+# thread count, and whether dense mode's elementwise passes ran compiled or eager. A checkpoint
+# may be resumed across them (ubo_core/trainer.py).
+ROUNDING_ONLY_KEYS: frozenset[str] = frozenset({"device", "threads", "elementwise"})
+# ... and the keys that change no result at all: those, and how often the validation curves
+# are evaluated (evaluation never draws from the training generator). They stay out of a
+# run's identity (flows/run_identity.py's run key, benchmarks/fidelity.py's records); a
+# checkpoint keeps eval_every, since its stored curve depends on it.
+NON_RESULT_KEYS: frozenset[str] = ROUNDING_ONLY_KEYS | {"eval_every"}
 
 
 @dataclass(frozen=True)
@@ -374,12 +384,11 @@ def load_params(path: str | Path = "params.yaml") -> Params:
         try:  # one parse: the node tree is checked for duplicate keys, then constructed
             node = loader.get_single_node()
             _check_duplicate_keys(node, "", path)
-            raw = loader.construct_document(node) if node is not None else None
+            raw = loader.construct_document(node) if node is not None else {}  # empty file
         finally:
             loader.dispose()
     except yaml.YAMLError as error:
         raise ConfigError("(file)", f"not valid YAML ({error})", source=path) from error
-    raw = raw if raw is not None else {}
     try:
         params = build(Params, raw, "")
     except ConfigError as error:

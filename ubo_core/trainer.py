@@ -21,7 +21,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from ubo_core import checkpoint as checkpoints
-from ubo_core.config import TrainConfig
+from ubo_core.config import ROUNDING_ONLY_KEYS, TrainConfig
 from ubo_core.data import FeedbackData
 from ubo_core.engine import (
     Batch,
@@ -82,6 +82,13 @@ class FitResult:
 Callback = Callable[[EpochReport], None]
 
 
+class StopTraining(Exception):  # noqa: N818 (a signal, not an error)
+    """Raised by a `fit` callback to end training after the epoch it was handed, keeping what
+    was trained: `fit` returns as if that epoch had been the last (an early stop on
+    hyper-validation, say). Any other exception from the callback ends the run (a pruned
+    tuning trial)."""
+
+
 def fit(
     method_name: str,
     data: FeedbackData,
@@ -99,7 +106,8 @@ def fit(
 
     `evaluate_test_set=False` (tuning) leaves `test_metrics` empty; `data` may then lack its
     test split. `track_test` adds the test metrics to every evaluated epoch's report. The
-    callback may raise to stop training (a pruned tuning trial). With `checkpoint`, the run's
+    callback may raise StopTraining to end training there and keep the result, anything else
+    to abandon the run (a pruned tuning trial). With `checkpoint`, the run's
     state is saved there after evaluated epochs (at most every `checkpoint_seconds`, and after
     the last), and a run whose checkpoint exists resumes from it with the numbers it would
     have had uninterrupted (ubo_core/checkpoint.py); the caller removes the file once it has
@@ -171,8 +179,11 @@ def fit(
                 val=f"{metrics['val_loss']:.4f}",
                 kpairs_s=f"{report.pairs_per_second / 1e3:.0f}",
             )
-            if callback is not None:
-                callback(report)
+            try:
+                if callback is not None:
+                    callback(report)
+            except StopTraining:
+                break  # no checkpoint: the caller keeps the result and removes the file
             if checkpoint is not None and schedule.due(final=epoch == train.epochs):
                 loop = {"epoch": epoch, "history": history, "seconds": training_seconds}
                 loop |= {"steps": steps, "pairs": pairs}
@@ -202,7 +213,7 @@ def _run_identity(
     config = {
         key: value
         for key, value in dataclasses.asdict(train).items()
-        if key not in {"threads", "device", "elementwise"}
+        if key not in ROUNDING_ONLY_KEYS
     }
     return {
         "method": method_name,
