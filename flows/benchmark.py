@@ -29,6 +29,7 @@ from flows.children import (
     training_slots,
     wait_for_children,
 )
+from flows.slot_gate import slot_gate
 from ubo_core.config import load_params
 from ubo_core.methods import METHODS, check_method_params, get_method, resolve_config
 
@@ -54,16 +55,17 @@ def ubo_train(
     """Train one (data set, method, seed) and record it in MLflow (skipped if already done)."""
     repo = repo_root()
     store.configure(tracking_uri, repo)
-    child = tracked_run.train_and_log(
-        dataset=dataset,
-        method=method,
-        seed=seed,
-        overrides=overrides or {},
-        params_path=repo / "params.yaml",
-        repo=repo,
-        experiment=experiment,
-        parent_run_id=parent_run_id,
-    )
+    with slot_gate(get_run_logger().info):  # one trainer per slot (flows/slot_gate.py)
+        child = tracked_run.train_and_log(
+            dataset=dataset,
+            method=method,
+            seed=seed,
+            overrides=overrides or {},
+            params_path=repo / "params.yaml",
+            repo=repo,
+            experiment=experiment,
+            parent_run_id=parent_run_id,
+        )
     verb = "skipped (already in MLflow)" if child.skipped else "trained"
     get_run_logger().info("%s/%s/seed%d %s: %s", dataset, method, seed, verb, child.metrics)
     return {"run_id": child.run_id, "metrics": child.metrics, "skipped": child.skipped}

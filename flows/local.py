@@ -42,6 +42,7 @@ from flows.services import (
     service_env,
     start_server,
 )
+from flows.slot_gate import GATE_ENV
 from flows.warm import RUN_THREADS_ENV
 from ubo_core.errors import UboError
 
@@ -138,11 +139,15 @@ def clear_orphans(env: dict[str, str]) -> int:
 
 @contextlib.contextmanager
 def services_running(
-    env: dict[str, str], cpu_workers: int, run_threads: int | None = None
+    env: dict[str, str],
+    cpu_workers: int,
+    run_threads: int | None = None,
+    claim_ahead: bool = False,
 ) -> Iterator[tuple[dict[str, str], str]]:
     """Server (if needed), pools, deployments and workers; yields (env, training deployment).
     `run_threads`: the thread count every training run will set, when known (the CPU
-    workers' warm servers then compile dense kernels for it alone)."""
+    workers' warm servers then compile dense kernels for it alone). `claim_ahead`: each
+    worker claims its next cell while one trains, behind its slot's gate (flows/slot_gate.py)."""
     lock = exclusive_run(Path(env["PREFECT_HOME"]))  # first: a refusal leaves nothing to undo
     report_leftovers(Path(env["PREFECT_HOME"]))  # a killed run's workers would train beside ours
     services = Services(STATE_DIR, env)
@@ -166,7 +171,11 @@ def services_running(
         for pool in (CONTROL_POOL, CPU_POOL, GPU_POOL):
             prefect(env, "work-pool", "create", pool, "--type", "process", "--overwrite")
         slots = gpus or cpu_workers
-        prefect(env, "work-pool", "set-concurrency-limit", train_pool, str(slots))
+        if claim_ahead:  # each worker's own --limit 2 bounds it; the gate keeps one training
+            # (the report then counts the pool's live workers as its slots)
+            prefect(env, "work-pool", "clear-concurrency-limit", train_pool)
+        else:
+            prefect(env, "work-pool", "set-concurrency-limit", train_pool, str(slots))
         print("deploying prefect.yaml")
         prefect(env, "--no-prompt", "deploy", "--all")
         services.start("worker-control", ["worker", "start", "--pool", CONTROL_POOL])
@@ -174,9 +183,12 @@ def services_running(
             worker_env = env | ({"CUDA_VISIBLE_DEVICES": str(index)} if gpus else {})
             if run_threads and not gpus:  # the warm server compiles for that count only
                 worker_env[RUN_THREADS_ENV] = str(run_threads)
+            if claim_ahead:
+                worker_env[GATE_ENV] = str(STATE_DIR / "slots" / f"{train_pool}-{index}.lock")
+            limit = "2" if claim_ahead else "1"
             services.start_training_worker(
                 f"{train_pool}-{index}",
-                ["--pool", train_pool, "--limit", "1", "--name", f"{train_pool}-{index}"],
+                ["--pool", train_pool, "--limit", limit, "--name", f"{train_pool}-{index}"],
                 env=worker_env,
             )
         print(f"started {slots} {'GPU' if gpus else 'CPU'} worker(s) on pool {train_pool}")
@@ -313,6 +325,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--cpu-workers", type=int, default=max(1, (os.cpu_count() or 1)))
     parser.add_argument(
+        "--claim-ahead",
+        action="store_true",
+        help="each worker claims and starts its next cell while one trains; a per-worker "
+        "gate keeps one training (flows/slot_gate.py)",
+    )
+    parser.add_argument(
         "--param",
         action="append",
         default=[],
@@ -344,7 +362,7 @@ def main(argv: list[str] | None = None) -> int:
         threads = overrides.get("threads") if isinstance(overrides, dict) else None
         positive = isinstance(threads, int) and not isinstance(threads, bool) and threads > 0
         run_threads = threads if positive else None
-        with services_running(env, args.cpu_workers, run_threads) as (
+        with services_running(env, args.cpu_workers, run_threads, args.claim_ahead) as (
             env,
             train_deployment,
         ):

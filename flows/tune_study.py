@@ -21,6 +21,7 @@ from prefect import flow, get_run_logger
 
 from flows import run_identity, store
 from flows.benchmark import repo_root
+from flows.slot_gate import slot_gate
 from ubo_core.config import Params, load_params
 from ubo_core.data import load_processed
 from ubo_core.errors import TrainingDiverged, UboError
@@ -339,14 +340,15 @@ def ubo_tune_study(
     repo = repo_root()
     store.configure(tracking_uri, repo)
     logger = get_run_logger()
-    return run_study(
-        dataset=dataset,
-        method=method,
-        n_trials=n_trials,
-        params_path=repo / "params.yaml",
-        repo=repo,
-        experiment=experiment,
-        parent_run_id=parent_run_id,
-        overrides=overrides,
-        log=logger.info,
-    )
+    with slot_gate(logger.info):  # one study per slot (flows/slot_gate.py)
+        return run_study(
+            dataset=dataset,
+            method=method,
+            n_trials=n_trials,
+            params_path=repo / "params.yaml",
+            repo=repo,
+            experiment=experiment,
+            parent_run_id=parent_run_id,
+            overrides=overrides,
+            log=logger.info,
+        )
