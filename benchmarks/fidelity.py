@@ -603,7 +603,8 @@ def table(seeds: list[int], version: str | None = None, params_path: Path = BASE
                     continue
                 hyper, test, capped = cell(records, variant.select)
                 used.append(at)
-                cells += [hyper, test + ("*" * bool(capped))]
+                stopped = any("stopped_early_at" in r for r in records)
+                cells += [hyper, test + ("*" * bool(capped)) + ("†" * stopped)]
             label = f"**{variant.label}**" if variant is row.default else variant.label
             method = "" if row.method == "ubo" else f"{row.method}: "
             # A "|" inside a cell (N(y | m, ...)) would split it: markdown's escape.
@@ -618,7 +619,9 @@ def table(seeds: list[int], version: str | None = None, params_path: Path = BASE
     lines.append(
         f"Mean ± std over seeds {', '.join(map(str, seeds))}; hyper-val: best SNIPS DCG@3 on "
         "the hyper-validation set over the epochs; test: DCG@3 at that epoch (* the best "
-        "epoch was the cap's for at least one seed). UBO (dense mode, the tuned values of "
+        "epoch was the cap's for at least one seed; † the runs stopped "
+        f"{PATIENCE} epochs after their best, the variant's patience). UBO (dense mode, "
+        "the tuned values of "
         f"{params_path.relative_to(REPO) if params_path.is_relative_to(REPO) else params_path}"
         ") unless the variant names another method. Code version(s): "
         f"{versions}." + (f" {missing} cells not run yet." if missing else "")
