@@ -55,7 +55,7 @@ $(INSTALLED): pyproject.toml
 benchmark: data summary study
 
 study: $(INSTALLED)
-	python -m flows.local $(if $(SMOKE),--smoke) $(BENCHMARK_ARGS)
+	python -m flows.local --claim-ahead $(if $(SMOKE),--smoke) $(BENCHMARK_ARGS)
 
 tune: $(INSTALLED)
 	python -m flows.local --flow tune $(if $(SMOKE),--smoke) $(BENCHMARK_ARGS)
