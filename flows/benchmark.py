@@ -55,7 +55,8 @@ def ubo_train(
     """Train one (data set, method, seed) and record it in MLflow (skipped if already done)."""
     repo = repo_root()
     store.configure(tracking_uri, repo)
-    with slot_gate(get_run_logger().info):  # one trainer per slot (flows/slot_gate.py)
+    logger = get_run_logger()
+    with slot_gate(logger.info):  # one trainer per slot (flows/slot_gate.py)
         child = tracked_run.train_and_log(
             dataset=dataset,
             method=method,
@@ -67,7 +68,7 @@ def ubo_train(
             parent_run_id=parent_run_id,
         )
     verb = "skipped (already in MLflow)" if child.skipped else "trained"
-    get_run_logger().info("%s/%s/seed%d %s: %s", dataset, method, seed, verb, child.metrics)
+    logger.info("%s/%s/seed%d %s: %s", dataset, method, seed, verb, child.metrics)
     return {"run_id": child.run_id, "metrics": child.metrics, "skipped": child.skipped}
 
 
