@@ -94,7 +94,9 @@ class Variant:
 
 DEFAULT = Variant("ours")
 # In the five full 100-epoch paper-mode runs on Yahoo (UMF wd 0/1e-5/1e-4, UBO wd 0/1e-5), the
-# longest stretch without a new best hyper-validation score before one came was 16 epochs;
+# longest stretch without a new best hyper-validation score before one came was 16 epochs
+# (`fidelity.py stalls`; Coat's paper-mode runs, a few steps an epoch, still climb at epoch 100
+# and stall up to 54 epochs on the way, so this patience is for Yahoo's paper mode only);
 # 30 stops UBO's eta/eta' runs (best near epochs 8-15) after about 40 epochs instead of 100,
 # which lets them finish inside one session (a session's checkpoints do not outlive it).
 PATIENCE = 30
@@ -659,6 +661,36 @@ def agreement() -> str:
     return "\n".join(lines)
 
 
+def longest_stall(curve: list[dict[str, Any]]) -> int:
+    """The most epochs a run went without a new best hyper-validation score before one came
+    (what PATIENCE must exceed for an early stop to choose the full run's epoch)."""
+    best, best_epoch, stall = -math.inf, 0, 0
+    for point in curve:
+        if point["hyper"] > best:
+            stall = max(stall, point["epoch"] - best_epoch)
+            best, best_epoch = point["hyper"], point["epoch"]
+    return stall
+
+
+def stalls() -> str:
+    """Per recorded paper-mode run trained to its cap: its best epoch and longest stall."""
+    lines = [
+        "| data set | method | optimizer | wd | epochs | best epoch | longest stall |",
+        "|---|---|---|---:|---:|---:|---:|",
+    ]
+    for record in load_runs().values():
+        key, curve = record["key"], record["curve"]
+        if key["train"]["mode"] != "paper" or "stopped_early_at" in record:
+            continue
+        best = max(curve, key=lambda p: p["hyper"])
+        lines.append(
+            f"| {key['dataset']} | {key['method']} | {key['train']['optimizer']} | "
+            f"{key['train']['weight_decay']:g} | {len(curve)} | {best['epoch']} | "
+            f"{longest_stall(curve)} |"
+        )
+    return "\n".join(lines)
+
+
 def write_table(seeds: list[int], check: bool, version: str | None, params_path: Path) -> int:
     text = FIDELITY_MD.read_text()
     head, start, rest = text.partition(TABLE_START)
@@ -704,6 +736,7 @@ def main() -> int:
     )
     sub.add_parser("list", help="the rows and their variants")
     sub.add_parser("agreement", help="hyper-validation objective against test, after the fact")
+    sub.add_parser("stalls", help="paper-mode runs' longest wait for a new best (PATIENCE)")
     args = parser.parse_args()
     if args.command == "list":
         for row in ROWS.values():
@@ -713,6 +746,9 @@ def main() -> int:
         return 0
     if args.command == "agreement":
         print(agreement())
+        return 0
+    if args.command == "stalls":
+        print(stalls())
         return 0
     seeds = [int(s) for s in args.seeds.split(",")]
     if args.command == "table":
