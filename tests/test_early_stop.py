@@ -115,3 +115,10 @@ def test_a_run_without_patience_keeps_the_key_it_was_recorded_with(fidelity):
     row = fidelity.Row("test", "", "", "", (), datasets=("coat",))
     key = fidelity.run_key(Params(), row, fidelity.Variant("p", OVERRIDES), "coat", 0, "test")
     assert "patience" not in key
+
+
+def test_longest_stall_is_the_longest_wait_for_a_new_best(fidelity):
+    # Bests at epochs 1, 2 and 5 (waits 1, 1, 3); the flat end after epoch 5 never ends in a
+    # new best, so it is not a stall an early stop would have cut short.
+    curve = [{"epoch": e, "hyper": h} for e, h in enumerate([1.0, 2.0, 1.0, 1.5, 3.0, 2.0, 2.0], 1)]
+    assert fidelity.longest_stall(curve) == 3
