@@ -31,6 +31,16 @@ def tiny_feedback() -> FeedbackData:
     )
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """One test process compiles each fused kernel (ubo_core/fused.py) for many more inputs
+    than a run does: float64 references, float and byte cell tables, blocks under 4,096
+    cells (which inductor specialises). Dynamo stops at 8 compilations of one function and
+    raises; a run compiles each kernel once or twice."""
+    import torch._dynamo
+
+    torch._dynamo.config.recompile_limit = 64
+
+
 @pytest.fixture(autouse=True)
 def one_torch_thread():
     """The suite's tensors are tiny: on a busy 2-core machine torch's intra-op threads spend

@@ -35,7 +35,9 @@ def restore_path():
 
 
 def block_inputs(shape=(7, 11), seed=0):
-    """A float32 block with clamped cells: saturated logits, exposure 1 and a tiny exposure."""
+    """A float32 block with clamped cells: saturated logits, exposure 1 and a tiny exposure.
+    Labels and weights come as dense mode's steps pass them (`Block.cell_tables`): byte tables
+    with more rows than the block, and the block's rows in them, in random order."""
     gen = torch.Generator().manual_seed(seed)
     users, items = shape
     logit = torch.randn(shape, generator=gen) * 4
@@ -44,20 +46,22 @@ def block_inputs(shape=(7, 11), seed=0):
     personal = torch.randn(shape, generator=gen) * 2
     item = torch.rand(items, generator=gen) * 0.9 + 0.05
     item[0], item[1] = 1.0, 1e-13
-    label = (torch.rand(shape, generator=gen) < 0.3).float()
-    label[1, 1] = 1.0
-    weight = (torch.rand(shape, generator=gen) < 0.9).float()
-    scale = (1.0 / weight.sum().double()).float()
+    rows = torch.randperm(users + 3, generator=gen)[:users]
+    label = (torch.rand(users + 3, items, generator=gen) < 0.3).to(torch.uint8)
+    label[rows[1], 1] = 1
+    weight = (torch.rand(users + 3, items, generator=gen) < 0.9).to(torch.uint8)
+    scale = (1.0 / weight[rows].sum().double()).float()
     coupling = torch.randn(shape, generator=gen)
     neg_eta = torch.tensor(-0.05)
     gate = torch.rand(items, generator=gen)
+    cells = (label, weight, rows)
     return {
-        "low_variance": (logit, item, label, weight, scale),
-        "ips": (logit, item, label, weight, scale),
-        "mixed_exposure": (logit, personal, gate, item, label, weight, scale, True),
-        "mixed_exposure_relevance": (logit, personal, gate, item, label, weight, scale, False),
-        "mixed_slope": (logit, personal, gate, item, label, weight),
-        "mixed_hyper_coefficients": (coupling, logit, personal, gate, item, label, weight, neg_eta),
+        "low_variance": (logit, item, *cells, scale),
+        "ips": (logit, item, *cells, scale),
+        "mixed_exposure": (logit, personal, gate, item, *cells, scale, True),
+        "mixed_exposure_relevance": (logit, personal, gate, item, *cells, scale, False),
+        "mixed_slope": (logit, personal, gate, item, *cells),
+        "mixed_hyper_coefficients": (coupling, logit, personal, gate, item, *cells, neg_eta),
     }
 
 
@@ -82,6 +86,27 @@ def test_compiled_kernels_equal_eager(shape):
         for mine, expected in zip(compiled, eager, strict=True):
             assert torch.isfinite(mine).all()
             torch.testing.assert_close(mine, expected, rtol=2e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("path", ["eager", pytest.param("compiled", marks=needs_compiler)])
+def test_kernels_read_byte_tables_as_the_gathered_rows(path):
+    """A kernel given the byte tables and the block's rows gives the same bits as given the
+    block's gathered float rows (rows 0..B-1, what a plain `Batch` passes): reading the cells
+    in place changes no number."""
+    inputs = block_inputs((5, 37))
+    calls = [(kernel, inputs[_key(kernel)]) for kernel in fused.dense_kernels()]
+    for kernel, args in calls:
+        position = next(k for k, a in enumerate(args) if a is inputs["ips"][2])
+        label, weight, rows = args[position : position + 3]
+        gathered = (label[rows].float(), weight[rows].float(), torch.arange(rows.numel()))
+        as_rows = (*args[:position], *gathered, *args[position + 3 :])
+        fused.configure(path, CPU)
+        clone = [a.clone() if isinstance(a, torch.Tensor) else a for a in args]
+        from_tables = _as_tuple(kernel(*clone))
+        clone = [a.clone() if isinstance(a, torch.Tensor) else a for a in as_rows]
+        from_rows = _as_tuple(kernel(*clone))
+        for mine, expected in zip(from_tables, from_rows, strict=True):
+            assert torch.equal(mine, expected), kernel.__name__
 
 
 def _key(kernel: fused.FusedKernel) -> str:

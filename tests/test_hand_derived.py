@@ -104,6 +104,7 @@ def test_dense_block_forms_equal_the_general_ones(saturated):
         exposure[:50] = 1.0
         exposure[100:150] = 1e-13
     weight = (torch.arange(400) % 7 != 0).double()  # some held-out cells
+    rows = torch.arange(400)  # the kernels read label[rows] and weight[rows]
     scale = 1.0 / weight.sum()
     # The mixed-exposure kernels form m = r q + (1 - r) theta themselves: a generic gate, and
     # the general partials at m as they compute it.
@@ -121,18 +122,18 @@ def test_dense_block_forms_equal_the_general_ones(saturated):
     at_m = low_variance_derivatives(logit, m, label, second_order=True)
     mixed = personal_logit, gate, theta, label
     close = {"rtol": 1e-12, "atol": 1e-15}
-    slope, loss, coef_e, coef_gate = mixed_exposure_cells(logit, *mixed, weight, scale, True)
+    slope, loss, coef_e, coef_gate = mixed_exposure_cells(logit, *mixed, weight, rows, scale, True)
     torch.testing.assert_close(slope, at_m.s * weight * scale, **close)
     loss_m = at_m.m * weight * scale
     torch.testing.assert_close(coef_e, loss_m * gate * q * (1 - q), **close)
     torch.testing.assert_close(coef_gate, loss_m * (q - theta) * gate * (1 - gate), **close)
     torch.testing.assert_close(
-        mixed_exposure_slope(logit, *mixed, weight), at_m.s * weight, **close
+        mixed_exposure_slope(logit, *mixed, weight, rows), at_m.s * weight, **close
     )
     coupling = torch.randn(400, generator=gen, dtype=torch.float64)
     neg_eta = torch.tensor(-0.3, dtype=torch.float64)
     hyper_e, hyper_gate = mixed_exposure_hyper_coefficients(
-        coupling, logit, *mixed, weight, neg_eta
+        coupling, logit, *mixed, weight, rows, neg_eta
     )
     c = -0.3 * coupling * at_m.sm * weight
     torch.testing.assert_close(hyper_e, c * gate * q * (1 - q), **close)
@@ -141,14 +142,14 @@ def test_dense_block_forms_equal_the_general_ones(saturated):
         expected = (low_variance_loss(logit, m, label) * weight).sum() * scale
         torch.testing.assert_close(loss, expected, rtol=1e-12, atol=0)
     for form in (low_variance_block, low_variance_cells):
-        slope, loss = form(logit.clone(), exposure, label, weight, scale)
+        slope, loss = form(logit.clone(), exposure, label, weight, rows, scale)
         expected = low_variance_slope(logit, exposure, label) * weight * scale
         torch.testing.assert_close(slope, expected)
         if not saturated:
             expected = (low_variance_loss(logit, exposure, label) * weight).sum() * scale
             torch.testing.assert_close(loss, expected, rtol=1e-12, atol=0)
     for form in (ips_block, ips_cells):
-        slope, loss = form(logit.clone(), exposure, label, weight, scale)
+        slope, loss = form(logit.clone(), exposure, label, weight, rows, scale)
         torch.testing.assert_close(slope, ips_loss_slope(logit, exposure, label) * weight * scale)
         expected = (ips_loss(logit, exposure, label) * weight).sum() * scale
         torch.testing.assert_close(loss, expected, rtol=1e-12, atol=1e-12)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 import torch
@@ -79,6 +80,52 @@ class Batch:
     def reduce_sum(self, per_pair: Tensor) -> Tensor:
         return per_pair.sum() if self.weight is None else (per_pair * self.weight).sum()
 
+    def cell_tables(self) -> tuple[Tensor, Tensor, Tensor]:
+        """A dense block's (label table, weight table, rows): its labels and weights are
+        table[rows], what the dense kernels take (ubo_core/estimators.py, `block_rows`). Here
+        the rows the batch holds, 0..B-1; a `Block` names its rows of training's byte tables."""
+        assert self.weight is not None, "cell tables are a dense block's"
+        rows = torch.arange(self.labels.shape[0], device=self.labels.device)
+        return self.labels, self.weight, rows
+
+    def n_train_cells(self) -> Tensor:
+        """A dense block's number of training cells (0-dim float32, an exact integer)."""
+        assert self.weight is not None, "training cells are a dense block's"
+        return self.weight.sum()
+
+
+class Block(Batch):
+    """Dense mode's block from `BlockSampler`: users (B,) against all items. Its labels and
+    weights (B, M) are gathered only when something reads them (the autograd reference
+    steps, CJMF); the fused kernels read the cells' bytes in place from training's byte
+    tables (`cell_tables`), 1 byte a cell where the gathered float rows cost 8 to write and
+    8 to read again: ~0.25 ms of a UMF block's ~2 ms on Yahoo (docs/PERFORMANCE.md)."""
+
+    def __init__(self, users: Tensor, tensors: TrainingTensors) -> None:
+        # Not the dataclass's __init__: labels and weight are the properties below.
+        self.users, self.items, self.negatives, self.local = users, None, None, None
+        self.tensors = tensors
+
+    @cached_property
+    def labels(self) -> Tensor:  # type: ignore[override]
+        return self.tensors.labels.index_select(0, self.users)
+
+    @cached_property
+    def weight(self) -> Tensor:  # type: ignore[override]
+        return self.tensors.train_weight.index_select(0, self.users)
+
+    @property
+    def n_examples(self) -> int:
+        return self.users.numel() * self.tensors.n_items
+
+    def cell_tables(self) -> tuple[Tensor, Tensor, Tensor]:
+        return self.tensors.label_bytes, self.tensors.train_bytes, self.users
+
+    def n_train_cells(self) -> Tensor:
+        # A float32 sum of per-user integer counts: the same exact integer as the float32 sum
+        # of the block's 0/1 weights (both below 2^24), read from 256 numbers instead of 256k.
+        return self.tensors.train_cells.index_select(0, self.users).sum()
+
 
 class TrainingTensors:
     """Everything training and evaluation read, built once from a processed data set."""
@@ -100,6 +147,10 @@ class TrainingTensors:
         self.labels = labels.to(device)
         self.in_train = in_train.to(device)
         self.train_weight = in_train.float().to(device)
+        # Dense mode's kernels read a block's cells from these (`Block.cell_tables`).
+        self.label_bytes = labels.to(torch.uint8).to(device)
+        self.train_bytes = in_train.to(torch.uint8).to(device)
+        self.train_cells = in_train.sum(1).float().to(device)
         self.pos_users = torch.from_numpy(pos_users).long().to(device)
         self.pos_items = torch.from_numpy(pos_items).long().to(device)
         popularity = np.bincount(pos_items, minlength=self.n_items)
@@ -179,9 +230,7 @@ class BlockSampler:
         t = self.tensors
         order = torch.randperm(t.n_users, generator=self.generator, device=t.device)
         for users in order.split(self.block_users):
-            # index_select: rows of 1,000 floats by advanced indexing cost ~0.5 ms a block.
-            labels = t.labels.index_select(0, users)
-            yield Batch(users, None, labels, t.train_weight.index_select(0, users))
+            yield Block(users, t)
 
 
 class TripleSampler:

@@ -110,14 +110,25 @@ def item_popularity_exposure(n_positives: Tensor, power: float = 0.5) -> Tensor:
     return (n_positives.double() / n_positives.max()) ** power
 
 
+def block_rows(table: Tensor, rows: Tensor, like: Tensor) -> Tensor:
+    """table[rows] in `like`'s dtype: a dense block's labels or cell weights, read from a whole
+    0/1 table (training's byte tables, `Block.cell_tables`) or from rows already gathered
+    (rows 0..B-1). The dense kernels below take (table, table, rows) rather than the gathered
+    (B, M) rows, so that a compiled kernel reads each cell's byte where it lies instead of a
+    copy in float32 (docs/PERFORMANCE.md)."""
+    return table.index_select(0, rows).to(like.dtype)
+
+
 def low_variance_block(
-    logit: Tensor, exposure: Tensor, label: Tensor, weight: Tensor, scale: Tensor
+    logit: Tensor, exposure: Tensor, label: Tensor, weight: Tensor, rows: Tensor, scale: Tensor
 ) -> tuple[Tensor, Tensor]:
     """Dense mode's L2 step in few passes over a block (B, M) of cells with binary labels:
     (l_s * weight * scale, the weighted loss sum * scale), with `low_variance_slope`'s and
-    `low_variance_loss`'s values and clamps. Per cell one sigmoid and one log: the loss reads
-    log(m p) on positives and log(1 - m p) on negatives from one `where`. `logit` is consumed
+    `low_variance_loss`'s values and clamps; the labels and weights are label[rows] and
+    weight[rows] (`block_rows`). Per cell one sigmoid and one log: the loss reads log(m p) on
+    positives and log(1 - m p) on negatives from one `where`. `logit` is consumed
     (overwritten)."""
+    label, weight = block_rows(label, rows, logit), block_rows(weight, rows, logit)
     p = torch.sigmoid(logit, out=logit)
     mp = exposure * p
     one_minus = torch.rsub(mp, 1.0)
@@ -135,11 +146,12 @@ def low_variance_block(
 
 
 def ips_block(
-    logit: Tensor, exposure: Tensor, label: Tensor, weight: Tensor, scale: Tensor
+    logit: Tensor, exposure: Tensor, label: Tensor, weight: Tensor, rows: Tensor, scale: Tensor
 ) -> tuple[Tensor, Tensor]:
     """`low_variance_block` for L1 (RelMF): slope sigmoid(s) - y/m, and the loss through
     log(1 - p) = log p - s, i.e. -[(y/m) log p + (1 - y/m) log(1 - p)] = -log p + (1 - y/m) s,
     one logsigmoid per cell. `logit` is consumed."""
+    label, weight = block_rows(label, rows, logit), block_rows(weight, rows, logit)
     ratio = label / exposure
     log_p = F.logsigmoid(logit)
     per_cell = torch.rsub(ratio, 1.0).mul_(logit).sub_(log_p)
@@ -155,9 +167,10 @@ def ips_block(
 
 
 def low_variance_cells(
-    logit: Tensor, exposure: Tensor, label: Tensor, weight: Tensor, scale: Tensor
+    logit: Tensor, exposure: Tensor, label: Tensor, weight: Tensor, rows: Tensor, scale: Tensor
 ) -> tuple[Tensor, Tensor]:
     """`low_variance_block` out of place: (l_s * weight * scale, weighted loss sum * scale)."""
+    label, weight = block_rows(label, rows, logit), block_rows(weight, rows, logit)
     p = torch.sigmoid(logit)
     mp = exposure * p
     one_minus_raw = 1.0 - mp
@@ -171,10 +184,11 @@ def low_variance_cells(
 
 
 def ips_cells(
-    logit: Tensor, exposure: Tensor, label: Tensor, weight: Tensor, scale: Tensor
+    logit: Tensor, exposure: Tensor, label: Tensor, weight: Tensor, rows: Tensor, scale: Tensor
 ) -> tuple[Tensor, Tensor]:
     """`ips_block` out of place, sigmoid and logsigmoid from one exp: with e = exp(-|s|),
     log p = min(s, 0) - log1p(e) and p = (1 or e) / (1 + e) as s >= 0 or not."""
+    label, weight = block_rows(label, rows, logit), block_rows(weight, rows, logit)
     ratio = label / exposure
     e = torch.exp(-logit.abs())
     log_p = logit.clamp_max(0.0) - torch.log1p(e)
@@ -218,6 +232,7 @@ def mixed_exposure_cells(
     theta: Tensor,
     label: Tensor,
     weight: Tensor,
+    rows: Tensor,
     scale: Tensor,
     exposure_grads: bool,
 ) -> tuple[Tensor, ...]:
@@ -226,7 +241,9 @@ def mixed_exposure_cells(
     E W^T, the gate r (M,) and theta (M,), returns l_s * weight * scale and the weighted loss
     sum * scale, and with `exposure_grads` the coefficients of the exposure gradients,
     c_e = l_m w scale r q' and c_g = l_m w scale (q - theta) r' (q' = q (1 - q), r' likewise),
-    which `ExposureMF.block_exposure_gradients` turns into dL/de_u, dL/dg and dL/db."""
+    which `ExposureMF.block_exposure_gradients` turns into dL/de_u, dL/dg and dL/db. The labels
+    and weights are label[rows] and weight[rows] (`block_rows`), as in every kernel below."""
+    label, weight = block_rows(label, rows, logit), block_rows(weight, rows, logit)
     p, q, m, mp, one_minus, positive, a = _mixed_exposure_partials(
         logit, personal_logit, gate, theta, label
     )
@@ -247,8 +264,10 @@ def mixed_exposure_slope(
     theta: Tensor,
     label: Tensor,
     weight: Tensor,
+    rows: Tensor,
 ) -> Tensor:
     """l_s * weight on a block with the exposure net's m (UBO's inner gradient G = (l_s w) W)."""
+    label, weight = block_rows(label, rows, logit), block_rows(weight, rows, logit)
     p, _, m, _, _, positive, a = _mixed_exposure_partials(logit, personal_logit, gate, theta, label)
     return _mixed_loss_slope(p, m, positive, a) * weight
 
@@ -261,10 +280,12 @@ def mixed_exposure_hyper_coefficients(
     theta: Tensor,
     label: Tensor,
     weight: Tensor,
+    rows: Tensor,
     neg_eta: Tensor,
 ) -> tuple[Tensor, Tensor]:
     """UBO's hypergradient coefficients on a block (Eq. 16-17): with C the coupling
     A_U W^T + U A_W^T and c = -eta C l_sm w, returns (c r q', c (q - theta) r')."""
+    label, weight = block_rows(label, rows, logit), block_rows(weight, rows, logit)
     p, q, _, _, one_minus, positive, a = _mixed_exposure_partials(
         logit, personal_logit, gate, theta, label
     )

@@ -150,7 +150,8 @@ mixed_hyper_coefficients = FusedKernel(mixed_exposure_hyper_coefficients)
 
 def warm_up() -> bool:
     """Compile every kernel as dense mode calls it on a CPU (float32 blocks, per-item vectors,
-    0-dim scalars) at this process's thread count (a guard of torch.compile), so that
+    the labels and weights as byte tables with the block's rows, 0-dim scalars) at this
+    process's thread count (a guard of torch.compile), so that
     processes forked afterwards start with them compiled. Returns whether it compiled (False
     without a compiler).
 
@@ -159,7 +160,8 @@ def warm_up() -> bool:
     single-threaded (`FusedKernel`), and the block has 29 x 1,013 cells: above the 4,096 at
     which inductor specialises small inputs (a guard that a real block would fail) and below
     ATen's parallel grain of 32,768, so the eager operations that make the inputs stay on one
-    thread. Distinct sizes, too: dynamic shapes give equal sizes one symbol and a guard."""
+    thread; so do the byte tables (31 x 1,013 cells). Distinct sizes, too (29 rows of 31):
+    dynamic shapes give equal sizes one symbol and a guard."""
     cpu = torch.device("cpu")
     if not compiler_present(cpu):
         return False
@@ -175,16 +177,20 @@ def warm_up() -> bool:
         # Distinct tensors for every argument: the compiled graph guards on aliasing.
         item = torch.rand(shape[1], generator=generator)
         gate = torch.rand(shape[1], generator=generator)
-        label, weight = (cells() > 1.0).float(), torch.ones(shape)
-        scale = torch.tensor(1.0 / weight.numel())
-        low_variance(cells(), item, label, weight, scale)
-        ips(cells(), item, label, weight, scale)
+        # As `Block.cell_tables` gives them: (label bytes, weight bytes, the block's rows).
+        table_shape = (31, shape[1])
+        label = (torch.rand(table_shape, generator=generator) > 0.9).to(torch.uint8)
+        weight = torch.ones(table_shape, dtype=torch.uint8)
+        tables = (label, weight, torch.randperm(table_shape[0], generator=generator)[: shape[0]])
+        scale = torch.tensor(1.0 / (shape[0] * shape[1]))
+        low_variance(cells(), item, *tables, scale)
+        ips(cells(), item, *tables, scale)
         logits, personal = cells(), cells()
         for exposure_grads in (False, True):
-            mixed_exposure(logits, personal, gate, item, label, weight, scale, exposure_grads)
-        mixed_slope(logits, personal, gate, item, label, weight)
+            mixed_exposure(logits, personal, gate, item, *tables, scale, exposure_grads)
+        mixed_slope(logits, personal, gate, item, *tables)
         neg_eta = torch.tensor(-0.1)
-        mixed_hyper_coefficients(cells(), logits, personal, gate, item, label, weight, neg_eta)
+        mixed_hyper_coefficients(cells(), logits, personal, gate, item, *tables, neg_eta)
     finally:
         _PATH.setting, _PATH.compiled = saved
         _PATH.ran = ""

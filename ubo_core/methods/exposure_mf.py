@@ -138,8 +138,9 @@ class PairTerms:
 class BlockTerms:
     """The same quantities on a block of users against all items: U, E rows (B, d), the item
     table W (M, d), the logits s = U W^T and the exposure logits E W^T (B, M), the gate r and
-    theta (M,), and the training cells' weight (B, M). q = sigmoid(E W^T) and
-    m = r q + (1 - r) theta are formed inside the fused kernels (ubo_core/fused.py)."""
+    theta (M,), and the block's labels and training cells' weights as tables and rows
+    (`Batch.cell_tables`). q = sigmoid(E W^T) and m = r q + (1 - r) theta are formed inside
+    the fused kernels (ubo_core/fused.py)."""
 
     user_rows: Tensor
     item_table: Tensor
@@ -148,11 +149,11 @@ class BlockTerms:
     personal_logits: Tensor
     gate: Tensor
     theta: Tensor
-    weight: Tensor
+    cell_tables: tuple[Tensor, Tensor, Tensor]
 
-    def cells(self, label: Tensor) -> tuple[Tensor, ...]:
+    def cells(self) -> tuple[Tensor, ...]:
         """The per-cell arguments every mixed-exposure kernel starts with."""
-        return self.logits, self.personal_logits, self.gate, self.theta, label
+        return self.logits, self.personal_logits, self.gate, self.theta, *self.cell_tables
 
 
 class ExposureMF(Method):
@@ -504,7 +505,6 @@ class ExposureMF(Method):
         logits U W^T of an exposure-only step (`_keep_logits`) serve the relevance step that
         follows it on the same block (UBO, AlterOpt): that step changed no relevance row, so
         the GEMM would give the same numbers."""
-        assert batch.weight is not None
         kept, self._kept_logits = self._kept_logits, None
         # Only the same block's, and only if nothing wrote into them since (a kernel's eager
         # form may overwrite its first argument; the mixed-exposure ones do not).
@@ -525,7 +525,7 @@ class ExposureMF(Method):
             exposure_rows @ item_table.T,
             gate.squeeze(-1),
             self.exposure_net.theta,
-            batch.weight,
+            batch.cell_tables(),
         )
 
     def _keep_logits(self, batch: Batch, terms: BlockTerms) -> None:
@@ -552,10 +552,8 @@ class ExposureMF(Method):
         gradients of `train_exposure_gradients` summed by GEMMs; every per-cell quantity in
         one fused pass (`fused.mixed_exposure`)."""
         terms = self.block_terms(batch)
-        scale = (1.0 / terms.weight.sum().double()).to(terms.logits.dtype)  # as in UMF's step
-        slope, loss, *coefficients = fused.mixed_exposure(
-            *terms.cells(batch.labels), terms.weight, scale, exposure
-        )
+        scale = (1.0 / batch.n_train_cells().double()).to(terms.logits.dtype)  # as in UMF's
+        slope, loss, *coefficients = fused.mixed_exposure(*terms.cells(), scale, exposure)
         # Every gradient first: terms.item_table is the live item table, which the relevance
         # update changes in place.
         if exposure:
@@ -579,11 +577,10 @@ class ExposureMF(Method):
         validation loss's gradients at w', and
             dL_val/da = -eta sum_ui w l_sm (A_u . w_i + A_i . w_u) dm/da,
         the coupling matrix A_U W^T + U A_W^T being one GEMM more than the relevance step's."""
-        assert batch.weight is not None
         val_users, val_items, val_labels = self.validation_batch()
         terms = self.block_terms(batch)
         eta, block = self.inner_lr, batch.users.numel()
-        slope = fused.mixed_slope(*terms.cells(batch.labels), terms.weight)
+        slope = fused.mixed_slope(*terms.cells())
         grad_user = slope @ terms.item_table
         grad_item = slope.T @ terms.user_rows
         # Each validation user's row in the block, or the zero row `block` past its end.
@@ -607,9 +604,7 @@ class ExposureMF(Method):
             @ torch.cat([terms.item_table, adjoint_item], 1).T
         )
         neg_eta = torch.tensor(-eta, dtype=terms.logits.dtype, device=self.device)
-        coef_e, coef_gate = fused.mixed_hyper_coefficients(
-            coupling, *terms.cells(batch.labels), terms.weight, neg_eta
-        )
+        coef_e, coef_gate = fused.mixed_hyper_coefficients(coupling, *terms.cells(), neg_eta)
         self.exposure_optimizer.step(
             self.block_exposure_gradients(terms, coef_e, coef_gate, batch.users)
         )

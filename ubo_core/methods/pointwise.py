@@ -14,7 +14,7 @@ from ubo_core.methods.base import Method, RelevanceMF, gather_items, row_logits
 from ubo_core.methods.rows import RowAdam, RowSubset
 
 Loss = Callable[[Tensor, Tensor, Tensor], Tensor]
-BlockSlopeLoss = Callable[[Tensor, Tensor, Tensor, Tensor, Tensor], tuple[Tensor, Tensor]]
+BlockSlopeLoss = Callable[[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor], tuple[Tensor, Tensor]]
 
 
 class FixedExposureMF(Method):
@@ -79,20 +79,19 @@ class FixedExposureMF(Method):
         get S W and the item table S^T U. Three GEMMs and one fused elementwise pass over the
         block (`block_slope_loss`), where autograd's chain of the loss's operations took ~80% of
         the time."""
-        assert batch.weight is not None
         user_rows = self.user_emb.detach().index_select(0, batch.users)
         item_table = self.item_emb.detach()
         # 1/n rounded once from float64 to the cells' dtype (what an eager op does with a float64
-        # scalar anyway; a float64 0-dim input to a compiled kernel costs a host read per call),
-        # from a float32 sum, exact for blocks up to 2^24 cells and a third of the time.
+        # scalar anyway; a float64 0-dim input to a compiled kernel costs a host read per call).
         logits = user_rows @ item_table.T
-        scale = (1.0 / batch.weight.sum().double()).to(logits.dtype)
+        scale = (1.0 / batch.n_train_cells().double()).to(logits.dtype)
         cls = type(self)
         if cls.block_slope_loss is not None:
             slope, loss = cls.block_slope_loss(
-                logits, self.item_exposure, batch.labels, batch.weight, scale
+                logits, self.item_exposure, *batch.cell_tables(), scale
             )
         else:
+            assert batch.weight is not None
             slope = cls.loss_slope(logits, self.item_exposure, batch.labels) * batch.weight * scale
             loss = (cls.loss(logits, self.item_exposure, batch.labels) * batch.weight).sum() * scale
         self.optimizer.step([(batch.users, slope @ item_table), (None, slope.T @ user_rows)])
