@@ -5,7 +5,7 @@ would pick instead: every method and mode over whole epochs of Yahoo!-sized data
         [--modes paper,paper_lazy,dense,dense_eager]
         [--epochs 1] [--max-steps 0] [--peers] [--device cpu] [--threads 1]
         [--data data/processed/yahoo/dataset.npz] [--out docs/train_speed.json]
-        [--profile ubo:paper_lazy]
+        [--profile ubo:paper_lazy] [--parts umf:dense]
 
 Each configuration runs in a fresh subprocess: the method is built as `fit` builds it, warmed
 up on a few steps, then timed over `--epochs` whole epochs, each from `sampler.epoch()` (the
@@ -222,7 +222,8 @@ def run_one(args: argparse.Namespace) -> dict:
         kind = f"{gemms} GEMMs"
         # Exact Adam moves every row of every table each step: its memory traffic is as
         # unavoidable as the GEMMs (train.optimizer adam, the study's setting).
-        with_adam = (limit + adam_limit(method, False, 0, device)) / step_seconds
+        adam_seconds = adam_limit(method, False, 0, device)  # 0: no Adam (ExpoMF's EM)
+        with_adam = (limit + adam_seconds) / step_seconds if adam_seconds else None
     else:
         rows = 2 * batch.n_examples if METHODS[name].sampling == "triples" else batch.n_examples
         limit = adam_limit(method, mode == "paper_lazy", rows, device)
@@ -299,6 +300,82 @@ def profile_steps(args: argparse.Namespace, steps: int = 100) -> None:
     print(events.table(sort_by="self_cpu_time_total", row_limit=15))
 
 
+# torch.profiler's names for the parts of a dense step (`--parts`); the fused elementwise pass
+# is inductor's compiled graph, recorded as "## Call CompiledFxGraph <hash> ##".
+STEP_PARTS = {
+    **{name: "GEMMs" for name in GEMMS},
+    "aten::_fused_adam_": "exact Adam",
+    "aten::index_select": "gathers and scatters",
+    "aten::index_add_": "gathers and scatters",
+    "aten::index_fill_": "gathers and scatters",
+    "aten::scatter_add_": "gathers and scatters",
+    "aten::index_copy_": "gathers and scatters",
+}
+FUSED_PASS = "## Call CompiledFxGraph"
+
+
+def step_parts(args: argparse.Namespace, steps: int = 50) -> dict:
+    """Where a dense step's time goes (`--parts method:dense`), and the best limit ratio the
+    step's own parts allow: the GEMMs timed alone (`gemm_limit`) over the GEMMs plus the fused
+    elementwise pass(es) plus exact Adam's pass over the tables (`adam_limit`), the three
+    things a step cannot skip. The step itself is timed without the profiler; the profiler's
+    per-part self time (which adds a few microseconds per operation) says where it goes."""
+    device = resolve_device(args.device)
+    data, _ = load_data(Path(args.data))
+    tensors = TrainingTensors(data, device)
+    name, _, mode = args.parts.partition(":")
+    method, sampler, _ = build(tensors, name, mode or "dense", args.device, args.threads)
+    batches = list(itertools.islice(sampler.epoch(), steps + 10))
+    for batch in batches[:10]:
+        method.step(batch)
+    batches = batches[10:]
+    best = float("inf")
+    for _ in range(3):
+        _sync(device)
+        started = time.perf_counter()
+        for batch in batches:
+            method.step(batch)
+        _sync(device)
+        best = min(best, (time.perf_counter() - started) / len(batches))
+    with torch.profiler.profile() as prof:
+        for batch in batches:
+            method.step(batch)
+    parts: dict[str, float] = {}
+    for event in prof.key_averages():
+        part = STEP_PARTS.get(event.key)
+        if part is None:
+            part = "fused pass" if event.key.startswith(FUSED_PASS) else "the rest"
+        parts[part] = parts.get(part, 0.0) + event.self_cpu_time_total / 1e6 / len(batches)
+    gemms_alone, _ = gemm_limit(method, batches[0], device)
+    adam_alone = adam_limit(method, False, 0, device)
+    fused_pass = parts.get("fused pass", 0.0)
+    floor = gemms_alone / (gemms_alone + fused_pass + adam_alone)
+    return {
+        "config": f"{name}:{mode or 'dense'}",
+        "step_seconds": best,
+        "profiled_parts_seconds": parts,
+        "gemms_alone_seconds": gemms_alone,
+        "adam_alone_seconds": adam_alone,
+        "limit_ratio": gemms_alone / best,
+        "best_ratio_of_parts": floor,
+    }
+
+
+def print_parts(record: dict) -> None:
+    us = 1e6
+    print(f"{record['config']}: {record['step_seconds'] * us:,.0f} us per step (no profiler)")
+    profiled = record["profiled_parts_seconds"]
+    total = sum(profiled.values())
+    for part, seconds in sorted(profiled.items(), key=lambda item: -item[1]):
+        print(f"  {part:22s} {seconds * us:7,.0f} us  {seconds / total:5.1%}  (profiled)")
+    print(
+        f"  GEMMs alone {record['gemms_alone_seconds'] * us:,.0f} us, exact Adam alone "
+        f"{record['adam_alone_seconds'] * us:,.0f} us: limit ratio {record['limit_ratio']:.2f}; "
+        f"the best these parts allow (GEMMs / (GEMMs + fused pass + Adam)) "
+        f"{record['best_ratio_of_parts']:.2f}"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--methods", default=",".join(METHODS))
@@ -312,9 +389,27 @@ def main() -> None:
     parser.add_argument("--out", default="")
     parser.add_argument("--one", default="", help=argparse.SUPPRESS)  # internal: one subprocess
     parser.add_argument("--profile", default="", help="method:mode to profile, e.g. ubo:paper_lazy")
+    parser.add_argument(
+        "--parts", default="", help="methods whose dense step to take apart, e.g. umf,ubo"
+    )
     args = parser.parse_args()
     if args.profile:
         profile_steps(args)
+        return
+    if args.parts:
+        records = []
+        for config in args.parts.split(","):
+            records.append(step_parts(argparse.Namespace(**{**vars(args), "parts": config})))
+            print_parts(records[-1])
+        if args.out:
+            record = {
+                "command": "python benchmarks/train_speed.py " + " ".join(sys.argv[1:]),
+                "machine": f"{machine_description()}, {os.cpu_count()} cores",
+                "torch": torch.__version__,
+                "threads": torch.get_num_threads(),
+                "steps": records,
+            }
+            Path(args.out).write_text(json.dumps(record, indent=2) + "\n")
         return
     if args.one:
         print(json.dumps(run_one(args)))
@@ -340,7 +435,7 @@ def main() -> None:
         peer_rows = peers(data, args.threads or os.cpu_count() or 1)
         for peer in peer_rows:
             print(f"{peer['peer']:20s} {peer['triples_per_second'] / 1e6:8.2f} M triples/s")
-    machine = platform.processor() or platform.machine()
+    machine = machine_description()
     partial = f", epochs cut at {args.max_steps} steps" if args.max_steps else ""
     print(
         f"\nmachine: {machine}, {os.cpu_count()} cores, {args.threads or 'auto'} thread(s), "
@@ -352,11 +447,31 @@ def main() -> None:
         record = {
             "command": "python benchmarks/train_speed.py " + " ".join(sys.argv[1:]),
             "machine": f"{machine}, {os.cpu_count()} cores",
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
             "torch": torch.__version__,
             "rows": rows,
             "peers": peer_rows,
         }
         Path(args.out).write_text(json.dumps(record, indent=2) + "\n")
+
+
+def machine_description() -> str:
+    """The architecture, the CPU's model and the vector ISA ATen's kernels run with: ratios
+    and speeds differ between hosts of one machine type (an AVX-512 host ran the dense steps
+    at 0.35-0.40 of the GEMM limit where an earlier host of the same type gave 0.21-0.24)."""
+    fields: dict[str, str] = {}
+    try:
+        first_cpu = Path("/proc/cpuinfo").read_text().split("\n\n")[0]
+        for line in first_cpu.splitlines():
+            key, _, value = line.partition(":")
+            fields[key.strip()] = value.strip()
+    except OSError:
+        pass
+    model = fields.get("model name") or platform.processor()
+    if fields.get("cpu family"):
+        model += f", family {fields['cpu family']} model {fields.get('model', '?')}"
+    capability = torch.backends.cpu.get_cpu_capability()
+    return f"{platform.machine()}{f' ({model})' if model else ''}, ATen {capability}"
 
 
 def print_table(rows: list[dict], peer_rows: list[dict]) -> None:
