@@ -325,21 +325,16 @@ def step_parts(args: argparse.Namespace, steps: int = 50) -> dict:
     tensors = TrainingTensors(data, device)
     name, _, mode = args.parts.partition(":")
     method, sampler, _ = build(tensors, name, mode or "dense", args.device, args.threads)
-    batches = list(itertools.islice(sampler.epoch(), steps + 10))
-    for batch in batches[:10]:
-        method.step(batch)
-    batches = batches[10:]
-    best = float("inf")
-    for _ in range(3):
-        _sync(device)
-        started = time.perf_counter()
+    batches = list(itertools.islice(sampler.epoch(), steps))
+
+    def run_batches() -> None:
         for batch in batches:
             method.step(batch)
-        _sync(device)
-        best = min(best, (time.perf_counter() - started) / len(batches))
+
+    # best_time's warm-up pass compiles the fused kernels.
+    best = best_time(run_batches, device, repeats=3) / len(batches)
     with torch.profiler.profile() as prof:
-        for batch in batches:
-            method.step(batch)
+        run_batches()
     parts: dict[str, float] = {}
     for event in prof.key_averages():
         part = STEP_PARTS.get(event.key)
