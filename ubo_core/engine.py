@@ -93,13 +93,21 @@ class Batch:
         assert self.weight is not None, "training cells are a dense block's"
         return self.weight.sum()
 
+    def cell_scale(self, dtype: torch.dtype) -> Tensor:
+        """1/n for a dense block of n training cells, the factor of the mean loss over them
+        (the sums of PAPER.md Eq. 4 and 10 taken as means over a batch's pairs, as paper mode
+        takes them), 0-dim in the cells' `dtype`.
+        Rounded once from float64, what an eager op does with a float64 scalar anyway; a
+        float64 0-dim input to a compiled kernel would cost a host read per call."""
+        return (1.0 / self.n_train_cells().double()).to(dtype)
+
 
 class Block(Batch):
     """Dense mode's block from `BlockSampler`: users (B,) against all items. Its labels and
     weights (B, M) are gathered only when something reads them (the autograd reference
     steps, CJMF); the fused kernels read the cells' bytes in place from training's byte
     tables (`cell_tables`), 1 byte a cell where the gathered float rows cost 8 to write and
-    8 to read again: ~0.25 ms of a UMF block's ~2 ms on Yahoo (docs/PERFORMANCE.md)."""
+    8 to read again (`benchmarks/train_speed.py --parts` times a dense step's parts)."""
 
     def __init__(self, users: Tensor, tensors: TrainingTensors) -> None:
         # Not the dataclass's __init__: labels and weight are the properties below.
@@ -148,8 +156,9 @@ class TrainingTensors:
         self.in_train = in_train.to(device)
         self.train_weight = in_train.float().to(device)
         # Dense mode's kernels read a block's cells from these (`Block.cell_tables`).
-        self.label_bytes = labels.to(torch.uint8).to(device)
-        self.train_bytes = in_train.to(torch.uint8).to(device)
+        self.label_bytes = self.labels.to(torch.uint8)
+        # The same memory as in_train (bool is one byte holding 0 or 1), read as numbers.
+        self.train_bytes = self.in_train.view(torch.uint8)
         self.train_cells = in_train.sum(1).float().to(device)
         self.pos_users = torch.from_numpy(pos_users).long().to(device)
         self.pos_items = torch.from_numpy(pos_items).long().to(device)

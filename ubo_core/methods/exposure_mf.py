@@ -552,7 +552,7 @@ class ExposureMF(Method):
         gradients of `train_exposure_gradients` summed by GEMMs; every per-cell quantity in
         one fused pass (`fused.mixed_exposure`)."""
         terms = self.block_terms(batch)
-        scale = (1.0 / batch.n_train_cells().double()).to(terms.logits.dtype)  # as in UMF's
+        scale = batch.cell_scale(terms.logits.dtype)
         slope, loss, *coefficients = fused.mixed_exposure(*terms.cells(), scale, exposure)
         # Every gradient first: terms.item_table is the live item table, which the relevance
         # update changes in place.

@@ -81,10 +81,8 @@ class FixedExposureMF(Method):
         the time."""
         user_rows = self.user_emb.detach().index_select(0, batch.users)
         item_table = self.item_emb.detach()
-        # 1/n rounded once from float64 to the cells' dtype (what an eager op does with a float64
-        # scalar anyway; a float64 0-dim input to a compiled kernel costs a host read per call).
         logits = user_rows @ item_table.T
-        scale = (1.0 / batch.n_train_cells().double()).to(logits.dtype)
+        scale = batch.cell_scale(logits.dtype)
         cls = type(self)
         if cls.block_slope_loss is not None:
             slope, loss = cls.block_slope_loss(
