@@ -2,6 +2,8 @@
 
 import errno
 import os
+import subprocess
+import sys
 import zipfile
 from pathlib import Path
 
@@ -140,3 +142,30 @@ def test_a_full_disk_or_read_only_folder_is_one_line_naming_the_output(
     monkeypatch.setattr(zipfile.ZipFile, "writestr", real_writestr)
     assert target.read_bytes() == before  # the last good output stays
     assert [p.name for p in target.parent.iterdir() if p.name.startswith(".")] == []
+
+
+def test_the_stage_command_holds_mkl_to_one_code_path(tmp_path):
+    """The semi-synthetic fits' rounding follows MKL's code path, which MKL picks by CPU: the
+    same seed wrote other Amazon CDs bytes on another CPU type. The command holds MKL to its
+    CPU-independent path (`REPRODUCIBLE_BLAS`); MKL_VERBOSE prints each BLAS call's mode."""
+    params = make_params(
+        tmp_path,
+        "catalog:\n  amazon_cds: {n_items: 20, min_user_interactions: 2}\n"
+        "semisynthetic: {fit_steps: 3}\n",
+    )
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "raw" / "amazon_cds"
+    folder.mkdir(parents=True)
+    pairs = np.unique(np.stack([rng.integers(0, 60, 600), rng.integers(0, 40, 600)], 1), axis=0)
+    rows = "".join(f"u{u}\ti{i}\n" for u, i in pairs)
+    (folder / "cds_interactions.tsv").write_text("user\titem\n" + rows)
+    env = {k: v for k, v in os.environ.items() if k != "MKL_CBWR"} | {"MKL_VERBOSE": "1"}
+    command = [sys.executable, "-m", "ubo_core.stages", "prepare", "amazon_cds"]
+    done = subprocess.run(
+        [*command, "--params", str(params)], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr
+    calls = [line for line in done.stdout.splitlines() if line.startswith("MKL_VERBOSE D")]
+    if not calls:
+        pytest.skip("this torch calls no MKL BLAS (no MKL_VERBOSE lines)")
+    assert all(" CNR:COMPATIBLE " in line for line in calls), calls[0]

@@ -10,6 +10,9 @@ function, write outputs atomically).
 
 Any UboError (bad params.yaml, missing or corrupt file, malformed row, empty split) ends the
 command with one line on stderr naming the file or key, and exit status 1.
+
+The command runs MKL (torch's CPU BLAS) with `MKL_CBWR=COMPATIBLE` unless you set MKL_CBWR
+yourself (`REPRODUCIBLE_BLAS`).
 """
 
 from __future__ import annotations
@@ -28,6 +31,14 @@ from ubo_core.errors import DataError, UboError, UsageError
 from ubo_core.fileio import read_json, write_json
 
 SUMMARY_FILE = "summary.json"
+
+# MKL picks its code path by CPU, and the semi-synthetic fits' float rounding with it: the same
+# seed wrote other Amazon CDs bytes on another CPU type (docs/PERFORMANCE.md, Determinism).
+# In COMPATIBLE mode MKL takes one path on every x86-64 CPU (measured on an AVX-512 host: the
+# same bytes under MKL_ENABLE_INSTRUCTIONS=AVX512, AVX2 and SSE4_2 and under ATen's AVX2 and
+# AVX-512 kernels; the Amazon CDs fits ~25% slower). MKL reads the variable once, at its first
+# call, so the command sets it before anything computes.
+REPRODUCIBLE_BLAS = ("MKL_CBWR", "COMPATIBLE")
 SUMMARY_COLUMNS = (
     "source_n_users",
     "source_n_items",
@@ -191,4 +202,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    # The command only: a process that imports `main` (pytest) keeps its environment.
+    os.environ.setdefault(*REPRODUCIBLE_BLAS)
     sys.exit(main())

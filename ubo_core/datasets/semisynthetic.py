@@ -33,7 +33,12 @@ minutes (params.yaml `catalog.<name>`: `n_items`, `min_user_interactions`):
    user's such positive, minus the user's own relevant items (`unexposed_test_*`). Those
    positives are negatives in training (R~ = 0), so this protocol asks whether a method
    recovers what exposure hid; the first asks how well it ranks a random list.
-Fits run in float64 on one CPU thread so the same seed gives the same bytes everywhere.
+Fits run in float64 on one CPU thread, and the stage command (`python -m ubo_core.stages`)
+runs MKL in its CPU-independent mode (`REPRODUCIBLE_BLAS`): the same seed then gives the same
+bytes on x86-64 CPUs with AVX2 or AVX-512 (MKL's promise for the mode; checked on one AVX-512
+host under each instruction set MKL and ATen can be held to). In a process whose MKL already
+chose its path (a notebook, pytest) the bytes are that CPU type's; ATen without vector kernels
+(ATEN_CPU_CAPABILITY=default) and other architectures give their own.
 """
 
 from __future__ import annotations
