@@ -25,6 +25,7 @@ from flows.children import (
     STALL_SECONDS,
     Child,
     cancel_waiting,
+    mark_waiting_for_slot,
     submit,
     training_slots,
     wait_for_children,
@@ -56,7 +57,8 @@ def ubo_train(
     repo = repo_root()
     store.configure(tracking_uri, repo)
     logger = get_run_logger()
-    with slot_gate(logger.info):  # one trainer per slot (flows/slot_gate.py)
+    # One trainer per slot (flows/slot_gate.py); the progress line counts a waiting cell apart.
+    with slot_gate(logger.info, on_wait=mark_waiting_for_slot):
         child = tracked_run.train_and_log(
             dataset=dataset,
             method=method,

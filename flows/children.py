@@ -29,6 +29,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 from uuid import UUID
 
+from prefect import get_run_logger
 from prefect.client.orchestration import SyncPrefectClient, get_client
 from prefect.client.schemas.filters import (
     FlowRunFilter,
@@ -46,6 +47,8 @@ from prefect.events.filters import (
 )
 from prefect.runtime import flow_run as current_flow_run
 from prefect.states import Cancelled, Crashed
+
+from flows.slot_gate import SLOT_WAIT_TAG
 
 PARENT_TAG = "ubo-parent:"  # children carry PARENT_TAG + the parent's flow run id (progress)
 HEARTBEAT_EVENT = "prefect.flow-run.heartbeat"
@@ -79,6 +82,22 @@ def submit(child: Child) -> Child:
     child.flow_run_id = flow_run.id
     child.attempts.append(flow_run.id)
     return child
+
+
+def mark_waiting_for_slot(waiting: bool) -> None:
+    """Tag the current flow run with SLOT_WAIT_TAG while it waits at its slot's gate, and
+    untag it once it has the slot (`slot_gate`'s on_wait). Best effort: a failed call costs
+    only the progress line's accuracy, so it is logged, not raised."""
+    if current_flow_run.id is None:  # not in a flow run: nothing shows its progress
+        return
+    tags = [tag for tag in current_flow_run.tags if tag != SLOT_WAIT_TAG]
+    try:
+        with get_client(sync_client=True) as client:
+            client.update_flow_run(
+                current_flow_run.id, tags=[*tags, SLOT_WAIT_TAG] if waiting else tags
+            )
+    except Exception as error:  # noqa: BLE001 (the cell trains either way)
+        get_run_logger().warning("could not mark the run as waiting for its slot: %s", error)
 
 
 def _age(state: State, now: datetime) -> float:

@@ -27,6 +27,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from uuid import UUID
 
 import yaml
 
@@ -42,7 +43,7 @@ from flows.services import (
     service_env,
     start_server,
 )
-from flows.slot_gate import GATE_ENV
+from flows.slot_gate import GATE_ENV, SLOT_WAIT_TAG
 from flows.warm import RUN_THREADS_ENV
 from ubo_core.errors import UboError
 
@@ -245,19 +246,23 @@ def run_benchmark(
         return _submit_and_wait(env, parameters, deployment)
 
 
-# The progress line's groups of children, by state type. Counted by the server (one COUNT a
-# group per poll): reading every child's whole flow run every 5 s was a share of the SQLite
-# server's load that the trainings feel, and a read stops at the API's page of 200.
-PROGRESS_GROUPS = {
-    "finished": ("COMPLETED",),
-    "running": ("RUNNING",),
-    "waiting": ("SCHEDULED", "PENDING"),
-    "failed": ("FAILED", "CRASHED"),
+# The progress line's groups of children: state types, and a tag they must carry too.
+# Counted by the server (one COUNT a group per poll): reading every child's whole flow run
+# every 5 s was a share of the SQLite server's load that the trainings feel, and a read stops
+# at the API's page of 200. A worker with --claim-ahead starts its next cell beside the one
+# that trains; the cell waits RUNNING at its slot's gate (flows/slot_gate.py) with
+# SLOT_WAIT_TAG, and is counted as waiting for a slot, not as running.
+PROGRESS_GROUPS: dict[str, tuple[tuple[str, ...], str | None]] = {
+    "finished": (("COMPLETED",), None),
+    "running": (("RUNNING",), None),
+    "waiting for a slot": (("RUNNING",), SLOT_WAIT_TAG),
+    "queued": (("SCHEDULED", "PENDING"), None),
+    "failed": (("FAILED", "CRASHED"), None),
 }
 
 
-def _submit_and_wait(env: dict[str, str], parameters: dict[str, Any], deployment: str) -> int:
-    from prefect.client.orchestration import get_client
+def children_filter(parent_id: UUID, types: tuple[str, ...], tag: str | None = None) -> Any:
+    """The parent's children (by PARENT_TAG) in one of the state `types`, carrying `tag`."""
     from prefect.client.schemas.filters import (
         FlowRunFilter,
         FlowRunFilterState,
@@ -265,28 +270,40 @@ def _submit_and_wait(env: dict[str, str], parameters: dict[str, Any], deployment
         FlowRunFilterTags,
     )
     from prefect.client.schemas.objects import StateType
+
+    from flows.children import PARENT_TAG
+
+    tags = [f"{PARENT_TAG}{parent_id}", *([tag] if tag else [])]
+    kinds = [StateType(kind) for kind in types]
+    return FlowRunFilter(
+        tags=FlowRunFilterTags(all_=tags),
+        state=FlowRunFilterState(type=FlowRunFilterStateType(any_=kinds)),
+    )
+
+
+def children_counts(client: Any, parent_id: UUID) -> dict[str, int]:
+    """How many of the parent's children are in each of PROGRESS_GROUPS."""
+    counts = {
+        group: client.count_flow_runs(flow_run_filter=children_filter(parent_id, types, tag))
+        for group, (types, tag) in PROGRESS_GROUPS.items()
+    }
+    counts["running"] -= counts["waiting for a slot"]
+    return counts
+
+
+def _submit_and_wait(env: dict[str, str], parameters: dict[str, Any], deployment: str) -> int:
+    from prefect.client.orchestration import get_client
     from prefect.deployments import run_deployment
 
-    from flows.children import PARENT_TAG, read_all_flow_runs
+    from flows.children import read_all_flow_runs
 
     parent = run_deployment(deployment, parameters=parameters, timeout=0)
     print(f"flow run {parent.name} ({parent.id}) of {deployment}: {json.dumps(parameters)}")
-    tags = FlowRunFilterTags(all_=[f"{PARENT_TAG}{parent.id}"])
-
-    def children_in(types: tuple[str, ...]) -> FlowRunFilter:
-        kinds = [StateType(kind) for kind in types]
-        return FlowRunFilter(
-            tags=tags, state=FlowRunFilterState(type=FlowRunFilterStateType(any_=kinds))
-        )
-
     started, last = time.monotonic(), ""
     with get_client(sync_client=True) as client:
         while True:
             state = client.read_flow_run(parent.id).state
-            counts = {
-                group: client.count_flow_runs(flow_run_filter=children_in(types))
-                for group, types in PROGRESS_GROUPS.items()
-            }
+            counts = children_counts(client, parent.id)
             line = f"[{time.monotonic() - started:6.0f} s] parent {state.name if state else '?'}; "
             line += "children: " + ", ".join(f"{n} {group}" for group, n in counts.items())
             if line.split("]", 1)[1] != last:
@@ -295,10 +312,8 @@ def _submit_and_wait(env: dict[str, str], parameters: dict[str, Any], deployment
             if state is not None and state.is_final():
                 break
             time.sleep(5)
-        failed = [
-            child.name
-            for child in read_all_flow_runs(client, children_in(PROGRESS_GROUPS["failed"]))
-        ]
+        failed_filter = children_filter(parent.id, *PROGRESS_GROUPS["failed"])
+        failed = [child.name for child in read_all_flow_runs(client, failed_filter)]
     from flows import study
 
     if deployment == DEPLOYMENTS["benchmark"]:

@@ -21,6 +21,7 @@ from prefect import flow, get_run_logger
 
 from flows import run_identity, store
 from flows.benchmark import repo_root
+from flows.children import mark_waiting_for_slot
 from flows.slot_gate import slot_gate
 from ubo_core.config import Params, load_params
 from ubo_core.data import load_processed
@@ -340,7 +341,7 @@ def ubo_tune_study(
     repo = repo_root()
     store.configure(tracking_uri, repo)
     logger = get_run_logger()
-    with slot_gate(logger.info):  # one study per slot (flows/slot_gate.py)
+    with slot_gate(logger.info, on_wait=mark_waiting_for_slot):  # one study per slot
         return run_study(
             dataset=dataset,
             method=method,

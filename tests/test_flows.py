@@ -660,6 +660,41 @@ def test_a_new_local_run_closes_what_a_stopped_one_left_open(stack):
     assert closed >= 2
 
 
+def test_a_cell_waiting_at_its_slot_gate_is_counted_apart_from_the_training_ones(stack):
+    """A worker with --claim-ahead starts its next cell beside the one that trains, and the
+    cell waits RUNNING at its slot's gate: the progress line said "4 running" on 2 slots.
+    While it waits it carries SLOT_WAIT_TAG (slot_gate's on_wait), and the progress line
+    counts it as waiting for a slot; once it has the slot, as running."""
+    from prefect import flow, tags
+    from prefect.client.orchestration import get_client
+    from prefect.runtime import flow_run
+
+    from flows.children import PARENT_TAG, mark_waiting_for_slot
+    from flows.local import children_counts
+    from flows.slot_gate import SLOT_WAIT_TAG
+
+    parent_id = uuid.uuid4()  # stands for a parent: its children carry its tag
+    parent_tag = f"{PARENT_TAG}{parent_id}"
+
+    @flow(name="slot-wait-probe")
+    def probe() -> list[tuple[list[str], dict[str, int]]]:
+        seen = []
+        with get_client(sync_client=True) as client:
+            for waiting in (True, False):
+                mark_waiting_for_slot(waiting)
+                run = client.read_flow_run(flow_run.id)
+                seen.append((sorted(run.tags), children_counts(client, parent_id)))
+        return seen
+
+    with tags(parent_tag):
+        (tags_waiting, at_gate), (tags_training, training) = probe()
+    assert tags_waiting == sorted([parent_tag, SLOT_WAIT_TAG])
+    assert tags_training == [parent_tag]
+    none = {"finished": 0, "running": 0, "waiting for a slot": 0, "queued": 0, "failed": 0}
+    assert at_gate == none | {"waiting for a slot": 1}
+    assert training == none | {"running": 1}
+
+
 def test_the_local_runner_submits_to_its_own_server_never_a_temporary_one(tmp_path):
     """Prefect reads its settings at import; flows.local imports it (clear_orphans) before the
     server's URL is known. Its client must still use that URL, not start a temporary server

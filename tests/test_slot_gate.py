@@ -54,6 +54,25 @@ def test_a_second_cell_waits_for_the_first_to_leave(monkeypatch, tmp_path):
     assert lines and "waited" in lines[0] and str(gate) in lines[0]
 
 
+def test_on_wait_hears_a_wait_begin_and_end_and_nothing_when_the_slot_is_free(
+    monkeypatch, tmp_path
+):
+    """The progress line counts a cell waiting at the gate apart from a training one
+    (flows.children.mark_waiting_for_slot): on_wait(True) before the wait, (False) after."""
+    gate = tmp_path / "ubo-cpu-0.lock"
+    monkeypatch.setenv(GATE_ENV, str(gate))
+    heard: list[tuple[bool, float]] = []  # (waiting, when)
+    first = hold(gate, 1.5)
+    with slot_gate(on_wait=lambda waiting: heard.append((waiting, time.monotonic()))) as waited:
+        assert [waiting for waiting, _ in heard] == [True, False]
+        assert heard[1][1] - heard[0][1] >= 1.0 and waited >= 1.0  # False once the first left
+    assert first.wait() == 0
+    heard.clear()
+    with slot_gate(on_wait=lambda waiting: heard.append((waiting, time.monotonic()))):
+        pass
+    assert heard == []
+
+
 def test_a_killed_holder_frees_its_slot_at_once(monkeypatch, tmp_path):
     gate = tmp_path / "ubo-cpu-0.lock"
     holder = hold(gate, 60.0)
