@@ -87,15 +87,15 @@ def submit(child: Child) -> Child:
 def mark_waiting_for_slot(waiting: bool) -> None:
     """Tag the current flow run with SLOT_WAIT_TAG while it waits at its slot's gate, and
     untag it once it has the slot (`slot_gate`'s on_wait). Best effort: a failed call costs
-    only the progress line's accuracy, so it is logged, not raised."""
+    only the progress line's accuracy, so it is logged, not raised (two API calls each way)."""
     if current_flow_run.id is None:  # not in a flow run: nothing shows its progress
         return
-    tags = [tag for tag in current_flow_run.tags if tag != SLOT_WAIT_TAG]
     try:
         with get_client(sync_client=True) as client:
-            client.update_flow_run(
-                current_flow_run.id, tags=[*tags, SLOT_WAIT_TAG] if waiting else tags
-            )
+            # update_flow_run replaces the tag list: read it now, not at the run's start.
+            run = client.read_flow_run(current_flow_run.id)
+            tags = [tag for tag in run.tags if tag != SLOT_WAIT_TAG]
+            client.update_flow_run(run.id, tags=[*tags, SLOT_WAIT_TAG] if waiting else tags)
     except Exception as error:  # noqa: BLE001 (the cell trains either way)
         get_run_logger().warning("could not mark the run as waiting for its slot: %s", error)
 

@@ -287,7 +287,9 @@ def children_counts(client: Any, parent_id: UUID) -> dict[str, int]:
         group: client.count_flow_runs(flow_run_filter=children_filter(parent_id, types, tag))
         for group, (types, tag) in PROGRESS_GROUPS.items()
     }
-    counts["running"] -= counts["waiting for a slot"]
+    # Separate queries: a child that starts and reaches its gate between the two counts would
+    # make the difference -1 for one poll.
+    counts["running"] = max(0, counts["running"] - counts["waiting for a slot"])
     return counts
 
 
