@@ -397,14 +397,7 @@ def main() -> None:
             records.append(step_parts(argparse.Namespace(**{**vars(args), "parts": config})))
             print_parts(records[-1])
         if args.out:
-            record = {
-                "command": "python benchmarks/train_speed.py " + " ".join(sys.argv[1:]),
-                "machine": f"{machine_description()}, {os.cpu_count()} cores",
-                "torch": torch.__version__,
-                "threads": torch.get_num_threads(),
-                "steps": records,
-            }
-            Path(args.out).write_text(json.dumps(record, indent=2) + "\n")
+            write_record(args.out, threads=torch.get_num_threads(), steps=records)
         return
     if args.one:
         print(json.dumps(run_one(args)))
@@ -439,15 +432,19 @@ def main() -> None:
     )
     print_table(rows, peer_rows)
     if args.out:
-        record = {
-            "command": "python benchmarks/train_speed.py " + " ".join(sys.argv[1:]),
-            "machine": f"{machine}, {os.cpu_count()} cores",
-            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-            "torch": torch.__version__,
-            "rows": rows,
-            "peers": peer_rows,
-        }
-        Path(args.out).write_text(json.dumps(record, indent=2) + "\n")
+        capability = torch.backends.cpu.get_cpu_capability()
+        write_record(args.out, cpu_capability=capability, rows=rows, peers=peer_rows)
+
+
+def write_record(path: str, **fields: object) -> None:
+    """The JSON a command writes with --out: the command, machine and torch that made it, then
+    its `fields`."""
+    header = {
+        "command": "python benchmarks/train_speed.py " + " ".join(sys.argv[1:]),
+        "machine": f"{machine_description()}, {os.cpu_count()} cores",
+        "torch": torch.__version__,
+    }
+    Path(path).write_text(json.dumps(header | fields, indent=2) + "\n")
 
 
 def machine_description() -> str:
